@@ -1,0 +1,39 @@
+"""Suite-wide test settings: quiet, offline, CPU-friendly environment for every test process.
+
+Run the whole suite with ``make test`` (sets everything up first) or
+``.venv/bin/python -m pytest -q tests``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before anything imports these libraries (children inherit them too).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fork-after-use warnings from HF tokenizers
+os.environ.setdefault("WANDB_MODE", "disabled")  # img2dataset imports wandb
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch is a hard dependency
+        return False
+
+
+if not _cuda_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly on machines without CUDA."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
