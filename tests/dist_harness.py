@@ -1,0 +1,116 @@
+"""Run a function in N CPU processes joined in a gloo process group; collect per-rank results.
+
+    from dist_harness import run_distributed
+
+    def work(rank: int, world_size: int, x: int) -> dict:      # module level (picklable)
+        ...                                                     # torch.distributed is ready
+        return {"loss": loss.detach()}
+
+    results = run_distributed(work, 2, 7)                       # [result_rank0, result_rank1]
+
+Processes are started with torch.multiprocessing spawn (the start method CUDA/NCCL code also
+needs), MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK are set so that env:// users
+(`deepspeed.init_distributed`) work too; pass `init_group=False` to let `fn` create the group
+itself. Results travel through torch.save files in a temp dir (tensors sent through a queue
+die with the process that shared them). A rank's exception is re-raised in the caller with
+its traceback; a hang is killed after `timeout_s`. Each worker ends with barrier +
+destroy_process_group + immediate exit, which avoids gloo's rare abort at interpreter exit
+(MACHINE.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    out_dir: str,
+    init_group: bool,
+    threads: int,
+    timeout_s: float,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    # Several ranks share few cores: one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(threads)
+    if init_group:
+        dist.init_process_group(
+            "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    result = fn(rank, world_size, *args, **kwargs)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    init_group: bool = True,
+    threads: int = 1,
+    **kwargs: Any,
+) -> list[Any]:
+    """Call `fn(rank, world_size, *args, **kwargs)` in `world_size` spawned processes.
+
+    `fn` and its arguments must be picklable (module-level function). Returns the list of
+    the ranks' return values, in rank order.
+    """
+    with tempfile.TemporaryDirectory(prefix="dist_harness_") as out_dir:
+        ctx = mp.spawn(
+            _worker,
+            args=(fn, world_size, free_port(), out_dir, init_group, threads, timeout_s, args, kwargs),
+            nprocs=world_size,
+            join=False,
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=1.0):  # raises ProcessRaisedException on a rank's error
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run_distributed: {fn.__name__} x{world_size} ran past {timeout_s} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]
