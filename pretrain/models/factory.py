@@ -1,0 +1,56 @@
+"""Named-model factory: ``list_models()`` and ``create_model(name, **overrides)``.
+
+Overrides (flat keyword arguments, so a run config can carry them as a small dict):
+  embed_dim, image_size, act ("quick_gelu" | "gelu"), grad_checkpointing,
+  context_length, vocab_size, text_width, text_layers, text_heads,
+  vision_width, vision_layers (int for ViT, 4 ints for ResNet), vision_heads,
+  vision_patch_size (ViT only).
+An unknown key raises ValueError naming the valid ones.
+
+    python -c "from pretrain.models import create_model; print(create_model('ViT-tiny'))"
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .clip import CLIP
+from .configs import MODEL_CONFIGS, CLIPConfig, ViTConfig
+
+_TOP = ("embed_dim", "image_size", "act", "grad_checkpointing")
+_TEXT = {"context_length": "context_length", "vocab_size": "vocab_size",
+         "text_width": "width", "text_layers": "layers", "text_heads": "heads"}
+_VISION = {"vision_width": "width", "vision_layers": "layers", "vision_heads": "heads",
+           "vision_patch_size": "patch_size"}
+OVERRIDE_KEYS: tuple[str, ...] = _TOP + tuple(_TEXT) + tuple(_VISION)
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``create_model``: the nine paper models, then the tiny ones."""
+    return list(MODEL_CONFIGS)
+
+
+def apply_overrides(config: CLIPConfig, **overrides: Any) -> CLIPConfig:
+    """A new config with the flat overrides applied (validated by the dataclasses)."""
+    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown model override(s) {unknown}; valid: {list(OVERRIDE_KEYS)}")
+    if "vision_patch_size" in overrides and not isinstance(config.vision, ViTConfig):
+        raise ValueError("vision_patch_size applies to ViT models only")
+    text = dataclasses.replace(config.text, **{_TEXT[k]: v for k, v in overrides.items() if k in _TEXT})
+    vision = dataclasses.replace(config.vision,
+                                 **{_VISION[k]: v for k, v in overrides.items() if k in _VISION})
+    top = {k: v for k, v in overrides.items() if k in _TOP}
+    return dataclasses.replace(config, text=text, vision=vision, **top)
+
+
+def get_config(name: str, **overrides: Any) -> CLIPConfig:
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+    return apply_overrides(MODEL_CONFIGS[name], **overrides)
+
+
+def create_model(name: str, **overrides: Any) -> CLIP:
+    """A freshly initialised CLIP model (fp32, on the current default device; build
+    inside ``with torch.device("meta"):`` to size a model without allocating it)."""
+    return CLIP(get_config(name, **overrides))
