@@ -4,15 +4,20 @@ model, named configs and OpenAI-layout state-dict conversion.
     from pretrain.models import create_model, list_models
     model = create_model("ViT-tiny")            # or "RN50", "ViT-L/14@336", ...
     img, txt, scale = model(images, tokens)     # normalised features, exp'd logit scale
+    sd = to_openai_state_dict(model)            # OpenAI / open_clip key layout
+    model = from_openai_state_dict(sd, image_size=336)  # config inferred from shapes
 
 No torch.distributed / deepspeed imports anywhere in this package.
 """
 from .clip import CLIP
 from .configs import MODEL_CONFIGS, PAPER_MODELS, CLIPConfig, ResNetConfig, TextConfig, ViTConfig
 from .factory import OVERRIDE_KEYS, apply_overrides, create_model, get_config, list_models
+from .openai_layout import (from_openai_state_dict, infer_config, resize_grid_embedding,
+                            resize_positional_embedding, to_openai_state_dict)
 
 __all__ = [
     "CLIP", "CLIPConfig", "ResNetConfig", "TextConfig", "ViTConfig", "MODEL_CONFIGS",
     "PAPER_MODELS", "OVERRIDE_KEYS", "apply_overrides", "create_model", "get_config",
-    "list_models",
+    "list_models", "from_openai_state_dict", "to_openai_state_dict", "infer_config",
+    "resize_positional_embedding", "resize_grid_embedding",
 ]
