@@ -1,0 +1,155 @@
+"""Image transforms for CLIP training and evaluation, written with PIL/numpy/torch (no torchvision).
+
+Every stage is a small pure function, tested alone (tests/test_data_transforms.py) and inside
+the loader (tests/test_data_loader.py):
+
+- ``decode_rgb(data, min_size)``: decode bytes to an RGB PIL image; JPEGs are decoded at a
+  reduced size (libjpeg DCT scaling through PIL's draft mode) when ``min_size`` allows it.
+- ``random_square_crop_box(w, h, rng, scale)``: the paper's random square crop
+  (random-resized-crop with aspect ratio fixed to 1).
+- ``center_crop_box``, ``resize_shorter_side_size``: the eval-time geometry.
+- ``crop_resize``: crop a box and resize it to a square (bicubic, antialiased).
+- ``to_normalized_tensor``: uint8 RGB -> float [3, H, W] normalised with CLIP's mean/std.
+
+``train_transform(size, crop_scale)`` and ``eval_transform(size)`` chain them.
+
+    tf = train_transform(224, (0.9, 1.0))
+    x = tf(jpeg_bytes, sample_rng(seed, epoch, key))   # FloatTensor [3, 224, 224]
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Callable, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageInput = Union[bytes, bytearray, memoryview, Image.Image, np.ndarray]
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The augmentation RNG of one sample: a function of (seed, epoch, key) only.
+
+    Not of worker state, so a resumed run or a gradient-caching re-run sees the same crop.
+    A string seed is hashed with SHA-512 by ``random.Random``: stable across processes.
+    """
+    return random.Random(f"{int(seed)}/{int(epoch)}/{key}")
+
+
+def open_image(data: ImageInput) -> Image.Image:
+    """A lazily decoded PIL image (only the header is read) from bytes, an array or an image."""
+    if isinstance(data, Image.Image):
+        return data
+    if isinstance(data, np.ndarray):
+        return Image.fromarray(data)
+    return Image.open(io.BytesIO(bytes(data)))
+
+
+def decode_rgb(data: ImageInput, min_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode to RGB. With ``min_size=(w, h)``, a JPEG is decoded at the smallest DCT scale
+    (1, 1/2, 1/4, 1/8) whose result is still at least ``min_size``: much cheaper than a full
+    decode when the target is far smaller than the stored image."""
+    img = open_image(data)
+    if min_size is not None and img.format == "JPEG":
+        img.draft("RGB", (max(1, int(min_size[0])), max(1, int(min_size[1]))))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def random_square_crop_box(w: int, h: int, rng: random.Random,
+                           scale: tuple[float, float] = (0.9, 1.0)) -> Box:
+    """A square box covering a fraction of the image area drawn uniformly from ``scale``.
+
+    The fraction is drawn from the part of ``scale`` that a square can reach in a w x h image
+    (at most min(w,h)^2 / (w*h)); when even ``scale[0]`` is out of reach the box is the
+    largest square. Position uniform over the valid offsets.
+    """
+    lo, hi = scale
+    reach = min(w, h) ** 2 / float(w * h)
+    if lo >= reach:
+        side = min(w, h)
+    else:
+        frac = rng.uniform(lo, min(hi, reach))
+        side = min(min(w, h), max(1, int(round(math.sqrt(frac * w * h)))))
+    x0 = rng.randint(0, w - side)
+    y0 = rng.randint(0, h - side)
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def resize_shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(w', h') with the shorter side equal to ``size`` and the aspect ratio kept."""
+    if w <= h:
+        return size, max(size, int(round(h * size / w)))
+    return max(size, int(round(w * size / h))), size
+
+
+def center_crop_box(w: int, h: int, size: int) -> Box:
+    """The centred size x size box (offsets rounded as in the usual CenterCrop)."""
+    left = int(round((w - size) / 2.0))
+    top = int(round((h - size) / 2.0))
+    return (left, top, left + size, top + size)
+
+
+def crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    """Crop ``box`` (may be fractional) and resize it to size x size with antialiased bicubic."""
+    return img.resize((size, size), Image.BICUBIC, box=box)
+
+
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def to_normalized_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """uint8 RGB [H, W, 3] -> float32 [3, H, W] in [0, 1], then (x - mean) / std."""
+    arr = np.array(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.uint8)
+    x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    return x.sub_(_MEAN).div_(_STD)
+
+
+def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.9, 1.0),
+                    reduced_decode: bool = True) -> Callable[[ImageInput, random.Random], torch.Tensor]:
+    """``f(image, rng) -> FloatTensor[3, S, S]``: random square crop, bicubic resize, normalise.
+
+    The crop box is drawn from the header size before decoding, so the JPEG can be decoded at
+    the smallest scale that still gives the crop at least ``image_size`` pixels per side.
+    """
+    lo, hi = float(crop_scale[0]), float(crop_scale[1])
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+    size = int(image_size)
+
+    def apply(data: ImageInput, rng: random.Random) -> torch.Tensor:
+        img = open_image(data)
+        w, h = img.size
+        box = random_square_crop_box(w, h, rng, (lo, hi))
+        side = box[2] - box[0]
+        need = (math.ceil(w * size / side), math.ceil(h * size / side)) if reduced_decode else None
+        img = decode_rgb(img, need)
+        fx, fy = img.size[0] / w, img.size[1] / h  # < 1 when decoded at a reduced scale
+        scaled = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+        return to_normalized_tensor(crop_resize(img, scaled, size))
+
+    return apply
+
+
+def eval_transform(image_size: int, reduced_decode: bool = True) -> Callable[[ImageInput], torch.Tensor]:
+    """``f(image) -> FloatTensor[3, S, S]``: resize the shorter side to S (bicubic), centre crop
+    S x S, normalise. Accepts JPEG/PNG bytes, a PIL image or a uint8 array (H,W[,3])."""
+    size = int(image_size)
+
+    def apply(data: ImageInput) -> torch.Tensor:
+        img = open_image(data)
+        w, h = img.size
+        rw, rh = resize_shorter_side_size(w, h, size)
+        img = decode_rgb(img, (rw, rh) if reduced_decode else None)
+        if img.size != (rw, rh):
+            img = img.resize((rw, rh), Image.BICUBIC)
+        return to_normalized_tensor(img.crop(center_crop_box(rw, rh, size)))
+
+    return apply
