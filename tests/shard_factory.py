@@ -4,7 +4,7 @@ Writes ``<dir>/shards/NNNNN.tar`` (samples ``KEY.jpg`` RGB JPEG, ``KEY.txt`` cap
 ``KEY.json`` metadata, optionally ``KEY.cls``) and ``<dir>/manifest.json`` in the data-build
 format, optionally with damaged data to exercise the bad-sample paths.
 
-    from tests.shard_factory import make_caption_shards
+    from shard_factory import make_caption_shards   # tests/ is on sys.path under pytest
     shards = make_caption_shards(tmp_path, n_shards=4, per_shard=32, image_px=64,
                                  corrupt={"jpeg": [3], "truncate": [1]})
     pattern, manifest = shards          # or shards.pattern, shards.manifest, shards.labels ...

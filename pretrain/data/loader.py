@@ -11,7 +11,8 @@ rank, stream) only, so:
 - DataLoader worker w serves stream (k + w) % W, so its round-robin order is k, k+1, ...
 
 A sample that fails to decode is counted and replaced by a random resident of the shuffle
-buffer (which is not consumed), so the raw stream position, and with it resume, is unaffected.
+buffer (which is not consumed), so the raw stream position, and with it resume, is unaffected;
+a sample repeated within one batch (resampling) is replaced the same way, without counting.
 
     loader = make_train_loader([DataSource("shards/{00000..00009}.tar")], tokenizer=tok,
                                image_size=224, micro_batch=256, num_workers=4, seed=0,
@@ -107,8 +108,12 @@ class BatchStream(IterableDataset):
             raw = [next(samples) for _ in range(cfg.micro_batch)]
             yield self._make_batch(raw, samples, transform, counter)
 
+    @staticmethod
+    def _key(sample: dict) -> str:
+        return f"{sample['__url__']}#{sample['__key__']}"
+
     def _decode(self, sample: dict, transform: Callable, counter: SkipCounter):
-        key = f"{sample['__url__']}#{sample['__key__']}"
+        key = self._key(sample)
         try:
             image = transform(sample["image"], sample_rng(self.cfg.seed, self.cfg.epoch, key))
             caption = sample["txt"].decode("utf-8")
@@ -120,22 +125,27 @@ class BatchStream(IterableDataset):
     def _make_batch(self, raw: list[dict], samples: ShuffleBuffer, transform: Callable,
                     counter: SkipCounter) -> dict:
         cfg = self.cfg
-        slots = [self._decode(s, transform, counter) for s in raw]
-        taken = {s[2] for s in slots if s is not None}
+        keys = [self._key(s) for s in raw]
+        taken: set[str] = set()
+        slots = []
+        for sample, key in zip(raw, keys):
+            # A repeat inside one batch (resampling can draw a shard twice) would be a false
+            # negative for the contrastive loss: replace it like a bad sample (not counted).
+            slots.append(None if key in taken else self._decode(sample, transform, counter))
+            taken.add(key)
         for i, slot in enumerate(slots):
             if slot is not None:
                 continue
-            # Replace from the buffer with an RNG keyed on the bad sample: deterministic, and
-            # the stream position does not move (so resume stays exact).
-            rng = sample_rng(cfg.seed, cfg.epoch, f"{raw[i]['__url__']}#{raw[i]['__key__']}/replace")
+            # Replace from the buffer with an RNG keyed on the slot's sample: deterministic,
+            # and the stream position does not move (so resume stays exact).
+            rng = sample_rng(cfg.seed, cfg.epoch, f"{keys[i]}/replace/{i}")
             for _ in range(_REPLACE_TRIES):
                 cand = samples.lend(rng)
-                if cand is None or f"{cand['__url__']}#{cand['__key__']}" in taken:
+                if cand is None or self._key(cand) in taken:
                     continue
-                got = self._decode(cand, transform, counter)
-                if got is not None:
-                    slots[i] = got
-                    taken.add(got[2])
+                taken.add(self._key(cand))
+                slots[i] = self._decode(cand, transform, counter)
+                if slots[i] is not None:
                     break
         good = [s for s in slots if s is not None]
         if not good:
