@@ -1,0 +1,143 @@
+"""The data build's typed configuration: one dataclass tree, from YAML + ``--key=value``.
+
+    cfg = load_config("build.yaml", ["crawl.timeout=5", "shard.samples_per_shard=1000"])
+    cfg.crawl.image_size, cfg.filter.image.min_side, cfg.shard.samples_per_shard
+
+Sections: ``crawl`` (input reading, safety, img2dataset), ``filter`` (the filter rules,
+:class:`data_pipeline.filter.FilterConfig`), ``shard`` (output shards). Top level: ``urls``,
+``output`` and ``processes``. :func:`dataset_identity` is the part that defines the
+dataset (what an output directory is bound to); process and thread counts are not in it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from data_pipeline import fsutil
+from data_pipeline.filter import FilterConfig
+from data_pipeline.typed_config import ConfigError, apply_overrides, deep_merge, from_dict, to_dict
+
+DEFAULT_OPT_OUTS = ["noai", "noimageai", "noindex", "noimageindex"]
+
+
+def _h(text: str) -> Any:
+    return {"help": text}
+
+
+@dataclass
+class CrawlConfig:
+    input_format: Literal["auto", "txt", "csv", "tsv", "parquet", "jsonl"] = field(
+        default="auto", metadata=_h("format of the URL list; auto = from the file extension"))
+    header: bool = field(default=True, metadata=_h("csv/tsv: first line holds column names (else f0, f1, ...)"))
+    url_col: str = field(default="url", metadata=_h("column holding the image URL"))
+    caption_col: str | None = field(default="caption", metadata=_h("column holding the caption (null: none)"))
+    extra_columns: list[str] | None = field(default=None, metadata=_h("input columns kept in each sample's json (null: all)"))
+    image_size: int = field(default=256, metadata=_h("img2dataset resize target in pixels"))
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = field(
+        default="keep_ratio", metadata=_h("img2dataset resize mode"))
+    resize_only_if_bigger: bool = field(default=True, metadata=_h("never upscale small images"))
+    encode_format: Literal["jpg", "png", "webp"] = field(default="jpg", metadata=_h("image format in the crawl tars"))
+    encode_quality: int = field(default=95, metadata=_h("JPEG/WebP quality (PNG: compression 0-9)"))
+    max_image_pixels: int = field(default=89_478_485, metadata=_h(
+        "decompression-bomb cap: images declaring more pixels are refused before decoding"))
+    timeout: float = field(default=10.0, metadata=_h("seconds per HTTP request"))
+    retries: int = field(default=0, metadata=_h("extra download attempts per URL"))
+    thread_count: int = field(default=64, metadata=_h("download threads per process"))
+    number_sample_per_shard: int = field(default=10_000, metadata=_h("URLs per crawl tar"))
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = field(
+        default="multiprocessing", metadata=_h("img2dataset distributor (pyspark/ray: many machines)"))
+    subjob_size: int = field(default=1000, metadata=_h("pyspark: crawl shards per Spark job"))
+    max_shard_retry: int = field(default=1, metadata=_h("img2dataset retries of a failed crawl shard"))
+    disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_OPT_OUTS), metadata=_h(
+        "X-Robots-Tag directives that opt an image out ([] honours none)"))
+    user_agent_token: str | None = field(default=None, metadata=_h("token added to the User-Agent"))
+    allow_private_addresses: bool = field(default=False, metadata=_h(
+        "crawl URLs on loopback/private/link-local hosts (off: refused and counted)"))
+    allowed_networks: list[str] = field(default_factory=list, metadata=_h(
+        "CIDR networks exempt from the private-address refusal, e.g. [127.0.0.1/32]"))
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "thread_count", "number_sample_per_shard", "max_image_pixels", "subjob_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"crawl.{name} must be >= 1")
+        if self.timeout <= 0 or self.retries < 0:
+            raise ValueError("crawl.timeout must be > 0 and crawl.retries >= 0")
+
+
+@dataclass
+class ShardConfig:
+    samples_per_shard: int = field(default=10_000, metadata=_h("samples per output tar (the last one partial)"))
+    jpeg_quality: int = field(default=95, metadata=_h("quality when an image must be re-encoded as RGB JPEG"))
+    name_digits: int = field(default=5, metadata=_h("zero-padded digits of shard names (00000.tar)"))
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1 or not 1 <= self.jpeg_quality <= 100 or self.name_digits < 1:
+            raise ValueError("shard.samples_per_shard >= 1, shard.jpeg_quality in 1..100, shard.name_digits >= 1")
+
+
+def _default_filter() -> FilterConfig:
+    cfg = FilterConfig()
+    # The crawl resizes images; size rules must judge what the web served, not the copy.
+    cfg.image.size_source = "original"
+    return cfg
+
+
+@dataclass
+class BuildConfig:
+    urls: str = field(default="", metadata=_h("URL list: a file or directory (fsspec URL)"))
+    output: str = field(default="", metadata=_h("output directory (fsspec URL)"))
+    processes: int = field(default=0, metadata=_h("worker processes for crawl and filter (0: all cores)"))
+    crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    filter: FilterConfig = field(default_factory=_default_filter)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+    def resolved_processes(self) -> int:
+        return self.processes if self.processes > 0 else (os.cpu_count() or 1)
+
+
+# Settings that change speed, not the dataset: left out of the identity and the manifest.
+_NOT_IDENTITY = {
+    "output", "processes",
+    "crawl.thread_count", "crawl.distributor", "crawl.subjob_size", "crawl.max_shard_retry",
+    "filter.clip_score.batch_size", "filter.clip_score.device",
+}
+
+
+def _drop(d: dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if rest:
+        if isinstance(d.get(head), dict):
+            _drop(d[head], rest)
+    else:
+        d.pop(head, None)
+
+
+def dataset_identity(cfg: BuildConfig) -> dict[str, Any]:
+    d = to_dict(cfg)
+    for k in _NOT_IDENTITY:
+        _drop(d, k)
+    return d
+
+
+def config_dict(cfg: BuildConfig) -> dict[str, Any]:
+    return to_dict(cfg)
+
+
+def load_config(path: str | None = None, overrides: list[tuple[str, Any]] | None = None,
+                base: dict[str, Any] | None = None) -> BuildConfig:
+    """Defaults <- ``base`` (e.g. the config saved in an output dir) <- YAML file <- overrides."""
+    # Start from the full default tree: a partial section in YAML (filter.image.min_side)
+    # then keeps this build's defaults for its other keys (filter.image.size_source).
+    data: dict[str, Any] = deep_merge(to_dict(BuildConfig()), base or {})
+    if path:
+        if not fsutil.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(fsutil.read_bytes(path).decode("utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = deep_merge(data, loaded)
+    data = apply_overrides(data, overrides or [])
+    return from_dict(BuildConfig, data)

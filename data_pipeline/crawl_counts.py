@@ -1,0 +1,82 @@
+"""Turn img2dataset's per-sample outcome (``status`` + ``error_message`` in each crawl
+shard's parquet) into counted rejection reasons, and check that every URL handed to the
+crawl came back with an outcome.
+
+    counts, ok_rows = crawl_accounting(layout, plan, prepare_summary)
+
+Reasons (``stage/reason``):
+  download/http_error        HTTP 4xx/5xx              download/timeout   slower than crawl.timeout
+  download/opt_out           X-Robots-Tag directive    download/connection_error  refused, DNS, TLS...
+  download/error             anything else while downloading
+  decode/undecodable         not an image, truncated   decode/empty_body  zero-byte response
+  decode/decompression_bomb  more pixels than crawl.max_image_pixels
+  decode/error               anything else while decoding/resizing
+  crawl/lost                 a URL handed to img2dataset with no outcome row (never expected)
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pyarrow.parquet as pq
+
+from data_pipeline import fsutil
+from data_pipeline.layout import Layout
+
+LOST = "crawl/lost"
+_HTTP = re.compile(r"HTTP Error \d{3}")
+
+
+def classify(status: str | None, error: str | None) -> str | None:
+    """None for a success, else the counted reason (see module docstring)."""
+    if status == "success":
+        return None
+    msg = error or ""
+    low = msg.lower()
+    if status == "failed_to_resize":
+        if "cv_io_max_image_pixels" in low:
+            return "decode/decompression_bomb"
+        if "!buf.empty()" in low:
+            return "decode/empty_body"
+        if "image decoding error" in low:
+            return "decode/undecodable"
+        return "decode/error"
+    if "x-robots-tag" in low:
+        return "download/opt_out"
+    if _HTTP.search(msg):
+        return "download/http_error"
+    if "timed out" in low or "timeout" in low:
+        return "download/timeout"
+    if "hash mismatch" in low:
+        return "download/hash_mismatch"
+    if "urlopen error" in low or "connection" in low or "remote end closed" in low:
+        return "download/connection_error"
+    return "download/error"
+
+
+def crawl_accounting(layout: Layout, shard_names: list[str], passed: int) -> tuple[dict[str, int], int]:
+    """(counts by reason, number of successes) over the crawl shards ``shard_names``.
+
+    ``passed`` is how many URLs the crawl was given; any without an outcome row count as
+    ``crawl/lost`` so the totals always add up.
+    """
+    counts: Counter[str] = Counter()
+    seen: set[int] = set()
+    successes = 0
+    for name in shard_names:
+        url = fsutil.join(layout.crawl_dir, name + ".parquet")
+        fs, path = fsutil.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f, columns=["input_row", "status", "error_message"]).to_pydict()
+        for row, status, err in zip(t["input_row"], t["status"], t["error_message"]):
+            if row in seen:
+                continue  # a sample written twice by a retried shard counts once
+            seen.add(row)
+            reason = classify(status, err)
+            if reason is None:
+                successes += 1
+            else:
+                counts[reason] += 1
+    if passed > len(seen):
+        counts[LOST] += passed - len(seen)
+    return dict(sorted(counts.items())), successes

@@ -1,0 +1,133 @@
+"""The data build's stages as functions: crawl -> filter -> shard -> stats, and build (all).
+
+Each stage binds the output directory to this dataset first (a directory holding another
+dataset is a clear error), reuses whatever an earlier (possibly killed) run finished, and
+records its duration under ``OUT/timings``.
+
+    from data_pipeline.config import load_config
+    from data_pipeline.pipeline import build
+    stats = build(load_config(None, [("urls", "urls.parquet"), ("output", "out/")]))
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from data_pipeline import fsutil
+from data_pipeline.config import BuildConfig, config_dict, dataset_identity
+from data_pipeline.crawl import CrawlPlan, crawl_tars, plan_crawl, run_crawl, unfinished_shards
+from data_pipeline.crawl_counts import crawl_accounting
+from data_pipeline.filter_run import FilterOutcome, load_filter_outcome, run_filter
+from data_pipeline.inputs import list_input_files
+from data_pipeline.layout import Layout, bind_output, input_fingerprint
+from data_pipeline.manifest import build_manifest
+from data_pipeline.prepare import PrepareSummary, load_prepared
+from data_pipeline.shard import load_crawl_meta, run_shard
+from data_pipeline.stats import compute_stats, stats_markdown, summary_table
+
+
+class StageOrderError(RuntimeError):
+    """A stage was run before the stage it reads from finished."""
+
+
+def _layout(cfg: BuildConfig) -> Layout:
+    if not cfg.output:
+        raise StageOrderError("no output directory given: pass --output DIR")
+    return Layout(cfg.output.rstrip("/"))
+
+
+def bind(cfg: BuildConfig, with_input: bool) -> Layout:
+    """Check/record the dataset this output holds (the URL list's bytes are part of it)."""
+    layout = _layout(cfg)
+    identity = dataset_identity(cfg)
+    if with_input:
+        files, _ = list_input_files(cfg.urls, cfg.crawl.input_format)
+        identity["input_sha256"] = input_fingerprint(files)
+    elif fsutil.exists(layout.build_config):
+        identity["input_sha256"] = fsutil.read_json(layout.build_config)["identity"].get("input_sha256")
+    else:
+        raise StageOrderError(f"{layout.root} holds no data build yet: run `crawl` or `build` first")
+    bind_output(layout, identity, config_dict(cfg))
+    return layout
+
+
+@contextmanager
+def timed(layout: Layout, stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    fsutil.write_json(layout.timing(stage), {"seconds": round(time.perf_counter() - t0, 3)})
+
+
+def crawl(cfg: BuildConfig) -> None:
+    layout = bind(cfg, with_input=True)
+    with timed(layout, "crawl"):
+        run_crawl(cfg, layout)
+
+
+def _finished_crawl(cfg: BuildConfig, layout: Layout) -> tuple[PrepareSummary, CrawlPlan]:
+    prep = load_prepared(layout)
+    if not prep.files:
+        raise StageOrderError(f"no crawl in {layout.root}: run `crawl` (or `build`) first")
+    plan = plan_crawl(prep, cfg.crawl.number_sample_per_shard)
+    if unfinished_shards(layout, plan):
+        raise StageOrderError(f"the crawl in {layout.root} is not finished: rerun `crawl` to complete it")
+    return prep, plan
+
+
+def filter(cfg: BuildConfig) -> FilterOutcome:  # noqa: A001 - the stage's name
+    layout = bind(cfg, with_input=False)
+    _, plan = _finished_crawl(cfg, layout)
+    with timed(layout, "filter"):
+        return run_filter(cfg, layout, crawl_tars(layout, plan))
+
+
+def shard(cfg: BuildConfig) -> dict[str, Any]:
+    layout = bind(cfg, with_input=False)
+    outcome = load_filter_outcome(layout)
+    if outcome is None:
+        raise StageOrderError(f"no filter result in {layout.root}: run `filter` (or `build`) first")
+    with timed(layout, "shard"):
+        shards = run_shard(cfg, layout, outcome.kept)
+        manifest = build_manifest(shards, dataset_identity(cfg), cfg.shard.samples_per_shard)
+        fsutil.write_json(layout.manifest, manifest)
+    return manifest
+
+
+def stats(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
+    """Re-derive stats.json + stats.md from what the stages left in the output dir."""
+    layout = bind(cfg, with_input=False)
+    prep, plan = _finished_crawl(cfg, layout)
+    crawl_counts, successes = crawl_accounting(layout, [plan.name(i) for i in plan.shard_ids], sum(prep.passed))
+    outcome = load_filter_outcome(layout)
+    if outcome is None or not fsutil.exists(layout.manifest):
+        raise StageOrderError(f"{layout.root} has no finished shards yet: run `build` (or filter + shard)")
+    counts = dict(prep.counts)
+    for src in (crawl_counts, outcome.counts):
+        for k, v in src.items():
+            counts[k] = counts.get(k, 0) + v
+    if outcome.total_in != successes:
+        # The filter saw a different number of samples than the crawl produced.
+        counts["filter/unaccounted_input"] = successes - outcome.total_in
+    meta_df = load_crawl_meta(layout, outcome.kept["source_tar"].tolist())
+    meta = dict(zip(meta_df.index, meta_df.to_dict("records")))
+    timings = {}
+    for stage in ("crawl", "filter", "shard"):
+        if fsutil.exists(layout.timing(stage)):
+            timings[stage] = fsutil.read_json(layout.timing(stage))["seconds"]
+    shards = fsutil.read_json(layout.manifest)["shards"]
+    result = compute_stats(prep.rows, counts, outcome.kept, meta, shards, timings)
+    fsutil.write_json(layout.stats_json, result)
+    fsutil.write_text(layout.stats_md, stats_markdown(result))
+    if echo:
+        print(summary_table(result), flush=True)
+        if result["unaccounted"]:
+            print(f"WARNING: {result['unaccounted']} input rows are not accounted for", flush=True)
+    return result
+
+
+def build(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
+    crawl(cfg)
+    filter(cfg)
+    shard(cfg)
+    return stats(cfg, echo=echo)

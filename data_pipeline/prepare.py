@@ -1,0 +1,96 @@
+"""Crawl stage, step 1: read the URL list, refuse unsafe URLs, write img2dataset's input.
+
+Each input file becomes ``OUT/input/NNNNN.parquet`` (columns ``url``, ``caption``,
+``input_row`` = the row's global position in the URL list, and the extra columns) holding
+only the rows the crawl may fetch, plus ``NNNNN.json`` with how many rows were read and
+why the others were refused. Both are written atomically (json last: it marks the file
+done), so a rerun skips finished files.
+
+    summary = prepare_inputs(cfg, layout)   # PrepareSummary(files, rows, passed, counts)
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data_pipeline import fsutil
+from data_pipeline.config import BuildConfig
+from data_pipeline.inputs import list_input_files, read_url_table
+from data_pipeline.layout import Layout
+from data_pipeline.safety import UrlGuard
+
+MISSING_URL = "input/missing_url"
+
+
+@dataclass
+class PrepareSummary:
+    files: list[str] = field(default_factory=list)  # prepared parquet files, in crawl order
+    rows: int = 0  # rows in the URL list
+    passed: list[int] = field(default_factory=list)  # rows handed to the crawl, per file
+    counts: dict[str, int] = field(default_factory=dict)  # refusals by "stage/reason"
+
+
+def _prepare_one(table: pa.Table, first_row: int, guard: UrlGuard, bar: tqdm) -> tuple[pa.Table, Counter[str]]:
+    urls = table.column("url").to_pylist()
+    reasons = guard.check_many(urls)
+    counts: Counter[str] = Counter()
+    keep = []
+    for i, (u, r) in enumerate(zip(urls, reasons)):
+        if not u:
+            counts[MISSING_URL] += 1
+        elif r is not None:
+            counts[r] += 1
+        else:
+            keep.append(i)
+    bar.update(len(urls))
+    table = table.append_column("input_row", pa.array(range(first_row, first_row + len(urls)), pa.int64()))
+    return table.take(pa.array(keep, pa.int64())), counts
+
+
+def prepare_inputs(cfg: BuildConfig, layout: Layout) -> PrepareSummary:
+    c = cfg.crawl
+    files, fmt = list_input_files(cfg.urls, c.input_format)
+    guard = UrlGuard(c.allow_private_addresses, c.allowed_networks)
+    fsutil.makedirs(layout.input_dir)
+    fsutil.remove_stale_tmp(layout.input_dir)
+    summary = PrepareSummary()
+    total: Counter[str] = Counter()
+    with tqdm(desc="prepare: read + safety check", unit="url") as bar:
+        for i, src in enumerate(files):
+            out = fsutil.join(layout.input_dir, f"{i:05d}.parquet")
+            meta_path = fsutil.join(layout.input_dir, f"{i:05d}.json")
+            if fsutil.exists(meta_path):  # finished in an earlier run
+                meta = fsutil.read_json(meta_path)
+                bar.update(meta["rows"])
+            else:
+                table = read_url_table(src, fmt, c.url_col, c.caption_col, c.extra_columns, c.header)
+                kept, counts = _prepare_one(table, summary.rows, guard, bar)
+                with fsutil.atomic_open(out) as f:
+                    pq.write_table(kept, f)
+                meta = {"source": src, "rows": table.num_rows, "passed": kept.num_rows,
+                        "first_row": summary.rows, "counts": dict(sorted(counts.items()))}
+                fsutil.write_json(meta_path, meta)
+            summary.files.append(out)
+            summary.rows += meta["rows"]
+            summary.passed.append(meta["passed"])
+            total.update(meta["counts"])
+    summary.counts = dict(sorted(total.items()))
+    return summary
+
+
+def load_prepared(layout: Layout) -> PrepareSummary:
+    """The summary of a finished prepare step (for the filter/shard/stats stages)."""
+    summary = PrepareSummary()
+    total: Counter[str] = Counter()
+    for meta_path in fsutil.glob(fsutil.join(layout.input_dir, "*.json")):
+        meta = fsutil.read_json(meta_path)
+        summary.files.append(meta_path[: -len(".json")] + ".parquet")
+        summary.rows += meta["rows"]
+        summary.passed.append(meta["passed"])
+        total.update(meta["counts"])
+    summary.counts = dict(sorted(total.items()))
+    return summary
