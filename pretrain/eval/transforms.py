@@ -45,10 +45,29 @@ class CenterCropTransform:
         return (x - mean) / std
 
 
+class TrainingPackageTransform:
+    """``pretrain.data.eval_transform(size)`` built lazily in each process: that function
+    returns a closure, which spawn-started DataLoader workers could not unpickle."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = int(image_size)
+        self._fn: Callable[[Image.Image], torch.Tensor] | None = None
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self._fn is None:
+            from pretrain.data import eval_transform
+
+            self._fn = eval_transform(self.image_size)
+        return self._fn(img)
+
+    def __getstate__(self) -> dict:
+        return {"image_size": self.image_size, "_fn": None}
+
+
 def get_eval_transform(image_size: int) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
     """The transform and a string that identifies it (part of the feature-cache key)."""
     try:
-        from pretrain.data import eval_transform  # the training package's, when present
+        from pretrain.data import eval_transform  # noqa: F401  (the training package's, when present)
     except ImportError:
         return CenterCropTransform(image_size), f"pretrain.eval.CenterCropTransform({image_size})"
-    return eval_transform(image_size), f"pretrain.data.eval_transform({image_size})"
+    return TrainingPackageTransform(image_size), f"pretrain.data.eval_transform({image_size})"
