@@ -91,6 +91,10 @@ def test_overrides():
     assert isinstance(create_model("RN-tiny").transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert create_model("RN-tiny", image_size=96).visual.attnpool.positional_embedding.shape[0] == 10
     assert create_model("RN-tiny", grad_checkpointing=True).visual.grad_checkpointing
+    wide = create_model("ViT-tiny", text_width=128, vision_width=192)  # heads follow width/64
+    assert wide.config.text.heads == 2 and wide.config.vision.heads == 3
+    assert create_model("RN-tiny", vision_width=16).config.vision.heads == 8
+    assert create_model("ViT-tiny", text_width=128, text_heads=4).config.text.heads == 4
     with pytest.raises(ValueError, match="unknown model override.*colour"):
         create_model("ViT-tiny", colour="red")
     with pytest.raises(ValueError, match="act"):

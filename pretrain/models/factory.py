@@ -5,7 +5,9 @@ Overrides (flat keyword arguments, so a run config can carry them as a small dic
   context_length, vocab_size, text_width, text_layers, text_heads,
   vision_width, vision_layers (int for ViT, 4 ints for ResNet), vision_heads,
   vision_patch_size (ViT only).
-An unknown key raises ValueError naming the valid ones.
+An unknown key raises ValueError naming the valid ones. Changing a width without its
+heads sets heads by OpenAI's rule (width / 64; ResNet pool width * 32 / 64), which is what
+``from_openai_state_dict`` assumes when it re-creates a model from weights alone.
 
     python -c "from pretrain.models import create_model; print(create_model('ViT-tiny'))"
 """
@@ -15,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from .clip import CLIP
-from .configs import MODEL_CONFIGS, CLIPConfig, ViTConfig
+from .configs import MODEL_CONFIGS, CLIPConfig, ResNetConfig, ViTConfig
 
 _TOP = ("embed_dim", "image_size", "act", "grad_checkpointing")
 _TEXT = {"context_length": "context_length", "vocab_size": "vocab_size",
@@ -37,9 +39,17 @@ def apply_overrides(config: CLIPConfig, **overrides: Any) -> CLIPConfig:
         raise ValueError(f"unknown model override(s) {unknown}; valid: {list(OVERRIDE_KEYS)}")
     if "vision_patch_size" in overrides and not isinstance(config.vision, ViTConfig):
         raise ValueError("vision_patch_size applies to ViT models only")
-    text = dataclasses.replace(config.text, **{_TEXT[k]: v for k, v in overrides.items() if k in _TEXT})
-    vision = dataclasses.replace(config.vision,
-                                 **{_VISION[k]: v for k, v in overrides.items() if k in _VISION})
+    text_kw = {_TEXT[k]: v for k, v in overrides.items() if k in _TEXT}
+    vision_kw = {_VISION[k]: v for k, v in overrides.items() if k in _VISION}
+    # a new width keeps OpenAI's heads rule unless heads are given too: checkpoints carry
+    # no head count, so only rule-following models can be re-created from their weights
+    if "width" in text_kw and "heads" not in text_kw and isinstance(text_kw["width"], int):
+        text_kw["heads"] = max(1, text_kw["width"] // 64)
+    if "width" in vision_kw and "heads" not in vision_kw and isinstance(vision_kw["width"], int):
+        rule_width = vision_kw["width"] * (32 if isinstance(config.vision, ResNetConfig) else 1)
+        vision_kw["heads"] = max(1, rule_width // 64)
+    text = dataclasses.replace(config.text, **text_kw)
+    vision = dataclasses.replace(config.vision, **vision_kw)
     top = {k: v for k, v in overrides.items() if k in _TOP}
     return dataclasses.replace(config, text=text, vision=vision, **top)
 
