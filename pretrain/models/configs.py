@@ -4,7 +4,7 @@ ones ("RN-tiny", "ViT-tiny") sized for CPU tests and demos.
 Heads follow OpenAI's rule (ViT and text: width / 64; ResNet attention pool:
 width * 32 / 64) so that every config can be recovered from checkpoint tensor shapes.
 
-    python -m pretrain.models.configs   # print every named config
+    python -c "from pretrain.models import MODEL_CONFIGS; print(MODEL_CONFIGS['RN50'])"
 """
 from __future__ import annotations
 
@@ -135,7 +135,3 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
 }
 
 PAPER_MODELS: tuple[str, ...] = tuple(n for n in MODEL_CONFIGS if not n.endswith("-tiny"))
-
-if __name__ == "__main__":
-    for _name, _cfg in MODEL_CONFIGS.items():
-        print(f"{_name:14s} {_cfg.to_dict()}")
