@@ -98,19 +98,19 @@ def bind_output(layout: Layout, identity: dict[str, Any], config: dict[str, Any]
     """Record what ``layout.root`` holds, or raise if it already holds something else.
 
     An empty or new directory is bound to ``identity``; a directory bound to the same
-    identity is resumed; a different identity, or files without a build_config.json, is a
-    clear error (never silently mixed or overwritten).
+    identity is resumed; a different identity once a stage has written data, or files
+    without a build_config.json, is a clear error (never silently mixed or overwritten).
     """
     if fsutil.exists(layout.build_config):
         saved = fsutil.read_json(layout.build_config)
         diffs = _diff(saved.get("identity"), identity)
-        if diffs:
+        if diffs and holds_data(layout):
             shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} differences)" if len(diffs) > 8 else "")
             raise OutputMismatchError(
                 f"output {layout.root} already holds a different dataset ({shown}). "
                 "Use a new --output directory, or delete this one to rebuild it."
             )
-        if saved.get("config") != config:
+        if diffs or saved.get("config") != config:
             fsutil.write_json(layout.build_config, {"identity": identity, "config": config})
         return
     fs, path = fsutil.url_to_fs(layout.root)
@@ -120,6 +120,13 @@ def bind_output(layout: Layout, identity: dict[str, Any], config: dict[str, Any]
             "build of this tool. Use an empty or new --output directory."
         )
     fsutil.write_json(layout.build_config, {"identity": identity, "config": config})
+
+
+def holds_data(layout: Layout) -> bool:
+    """Whether any stage has finished something here (a failed first attempt, e.g. with a
+    wrong column name, leaves only build_config.json: that may be re-bound freely)."""
+    return bool(fsutil.glob(fsutil.join(layout.input_dir, "*.json"))) or any(
+        fsutil.exists(p) for p in (layout.crawl_dir, layout.filter_dir, layout.shards_dir, layout.manifest))
 
 
 def saved_config(layout: Layout) -> dict[str, Any] | None:
