@@ -1,10 +1,11 @@
-"""Distributed tests of pretrain.loss.clip_loss: 2 and 4 gloo processes on CPU against one
-process computing the full global batch (fp32).
+"""Distributed tests of pretrain.loss ("clip", "clip_tiled", "siglip"): 2 and 4 gloo
+processes on CPU against one process computing the full global batch (fp32).
 
 Convention checked (see pretrain/loss/clip.py): mean of the ranks' losses == full-batch loss;
 the gradient w.r.t. rank r's own features == world_size x the full-batch gradient of those
-rows; the rank-averaged logit-scale and parameter gradients == the full-batch ones. Each
-world size starts its processes once and runs every case in them (spawn is the slow part).
+rows; the rank-averaged logit-scale (and SigLIP bias) and parameter gradients == the
+full-batch ones. The reference of "clip_tiled" is the plain "clip" loss. Each world size
+starts its processes once and runs every case in them (spawn is the slow part).
 
 Run: `.venv/bin/python -m pytest -q tests/test_loss_dist.py`
 """
@@ -19,30 +20,41 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import run_distributed
-from pretrain.loss import clip_loss
+from pretrain.loss import get_loss
 
 LOG_SCALE = math.log(1 / 0.07) + 0.3  # off the init value so its gradient is generic
+BIAS = -4.0  # SigLIP bias: with d=8 random features, keeps both label signs in play
+
+# name -> (loss used in the ranks, loss used for the single-process reference)
+LOSSES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "clip": ("clip", {}, "clip"),
+    "clip_tiled": ("clip_tiled", {"block_size": 3}, "clip"),  # blocks straddle rank slices
+    "siglip": ("siglip", {}, "siglip"),
+}
 
 # (sizes per rank) for the feature-level cases; unequal ones include an empty rank.
 FEATURE_CASES: dict[int, list[list[int]]] = {
     2: [[4, 4], [3, 5]],
     4: [[3, 3, 3, 3], [2, 0, 5, 3]],
 }
-# (model name, overrides, train mode, grad checkpointing, sizes per rank)
-ModelCase = tuple[str, dict[str, Any], bool, bool, list[int]]
+# (model name, overrides, train mode, grad checkpointing, sizes per rank, loss name); the
+# reference is always one process, whole batch, no checkpointing, plain "clip" loss.
+ModelCase = tuple[str, dict[str, Any], bool, bool, list[int], str]
+VIT: tuple[str, dict[str, Any]] = ("ViT-tiny", {"image_size": 32})
 MODEL_CASES: dict[int, list[ModelCase]] = {
     2: [
-        ("ViT-tiny", {"image_size": 32}, True, False, [3, 3]),
-        ("ViT-tiny", {"image_size": 32}, True, True, [3, 3]),
-        ("ViT-tiny", {"image_size": 32}, True, False, [2, 4]),
+        (*VIT, True, False, [3, 3], "clip"),
+        (*VIT, True, True, [3, 3], "clip"),
+        (*VIT, True, False, [2, 4], "clip"),
+        (*VIT, True, True, [3, 3], "clip_tiled"),
         # ResNet in eval mode: in train mode BatchNorm normalises each rank's slice with that
         # slice's statistics, a different function from full-batch BN (not a loss property).
-        ("RN-tiny", {"image_size": 32}, False, False, [3, 3]),
-        ("RN-tiny", {"image_size": 32}, False, True, [3, 3]),
+        ("RN-tiny", {"image_size": 32}, False, False, [3, 3], "clip"),
+        ("RN-tiny", {"image_size": 32}, False, True, [3, 3], "clip"),
     ],
     4: [
-        ("ViT-tiny", {"image_size": 32}, True, False, [2, 2, 2, 2]),
-        ("ViT-tiny", {"image_size": 32}, True, True, [2, 2, 2, 2]),
+        (*VIT, True, False, [2, 2, 2, 2], "clip"),
+        (*VIT, True, True, [2, 2, 2, 2], "clip"),
     ],
 }
 
@@ -53,13 +65,18 @@ def global_features(total: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor
     return img / img.norm(dim=1, keepdim=True), txt / txt.norm(dim=1, keepdim=True)
 
 
-def feature_loss(img: torch.Tensor, txt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Loss and gradients w.r.t. the given rows and the log logit scale."""
+def feature_loss(img: torch.Tensor, txt: torch.Tensor, loss_name: str, **options: Any) -> dict[str, torch.Tensor]:
+    """Loss and gradients w.r.t. the given rows, the log logit scale (and SigLIP's bias)."""
     img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
     log_scale = torch.tensor([LOG_SCALE], requires_grad=True)
-    loss = clip_loss(img, txt, log_scale.exp())
+    bias = torch.tensor([BIAS], requires_grad=True)
+    extra = (bias,) if loss_name == "siglip" else ()
+    loss = get_loss(loss_name, **options)(img, txt, log_scale.exp(), *extra)
     loss.backward()
-    return {"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "scale": log_scale.grad}
+    out = {"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "scale": log_scale.grad}
+    if extra:
+        out["bias"] = bias.grad
+    return out
 
 
 def build_model(name: str, overrides: dict[str, Any], train: bool, ckpt: bool) -> torch.nn.Module:
@@ -79,8 +96,10 @@ def global_batch(model: torch.nn.Module, total: int, seed: int = 1) -> tuple[tor
     return images, tokens
 
 
-def model_grads(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    loss = clip_loss(*model(images, tokens))
+def model_grads(
+    model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, loss_name: str = "clip"
+) -> dict[str, torch.Tensor]:
+    loss = get_loss(loss_name, **LOSSES[loss_name][1])(*model(images, tokens))
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -92,20 +111,27 @@ def rank_slice(sizes: list[int], rank: int) -> slice:
 
 def dist_checks(rank: int, world: int) -> dict[str, Any]:
     """Runs in every rank: all feature cases, then all model cases."""
-    out: dict[str, Any] = {"features": [], "models": []}
-    for sizes in FEATURE_CASES[world]:
-        img, txt = global_features(sum(sizes))
-        out["features"].append(feature_loss(img[rank_slice(sizes, rank)], txt[rank_slice(sizes, rank)]))
-    for name, overrides, train, ckpt, sizes in MODEL_CASES[world]:
+    out: dict[str, Any] = {"features": {}, "models": []}
+    for key, (loss_name, options, _) in LOSSES.items():
+        for case, sizes in enumerate(FEATURE_CASES[world]):
+            img, txt = global_features(sum(sizes))
+            sl = rank_slice(sizes, rank)
+            out["features"][key, case] = feature_loss(img[sl], txt[sl], loss_name, **options)
+    for name, overrides, train, ckpt, sizes, loss_name in MODEL_CASES[world]:
         model = build_model(name, overrides, train, ckpt)
         images, tokens = global_batch(model, sum(sizes))
         sl = rank_slice(sizes, rank)
-        grads = model_grads(model, images[sl], tokens[sl])
+        grads = model_grads(model, images[sl], tokens[sl], loss_name)
         for g in grads.values():  # what DDP / DeepSpeed do: average over ranks
             dist.all_reduce(g)
             g /= world
         out["models"].append(grads if rank == 0 else None)
     return out
+
+
+def _by_feature_case(results: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, torch.Tensor]]]:
+    """(loss key, case index) -> the ranks' results, in rank order."""
+    return {k: [r["features"][k] for r in results] for k in results[0]["features"]}
 
 
 @pytest.mark.slow
@@ -114,20 +140,26 @@ def dist_checks(rank: int, world: int) -> dict[str, Any]:
 def test_distributed_equals_full_batch(world: int) -> None:
     results = run_distributed(dist_checks, world, timeout_s=170)
 
-    for case, sizes in enumerate(FEATURE_CASES[world]):
-        ref = feature_loss(*global_features(sum(sizes)))
-        per_rank = [r["features"][case] for r in results]
-        mean_loss = torch.stack([r["loss"] for r in per_rank]).mean()
-        torch.testing.assert_close(mean_loss, ref["loss"], rtol=1e-5, atol=1e-6)
-        mean_scale_grad = torch.stack([r["scale"] for r in per_rank]).mean(0)
-        torch.testing.assert_close(mean_scale_grad, ref["scale"], rtol=1e-5, atol=1e-6)
-        for rank, r in enumerate(per_rank):
+    for (key, case), per_rank_list in _by_feature_case(results).items():
+        sizes = FEATURE_CASES[world][case]
+        ref = feature_loss(*global_features(sum(sizes)), LOSSES[key][2])
+
+        def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+            torch.testing.assert_close(
+                got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key} sizes={sizes} {what}: {m}"
+            )
+
+        close(torch.stack([r["loss"] for r in per_rank_list]).mean(), ref["loss"], "mean loss")
+        for param in ("scale", "bias") if key == "siglip" else ("scale",):
+            close(torch.stack([r[param] for r in per_rank_list]).mean(0), ref[param], f"{param} grad")
+        for rank, r in enumerate(per_rank_list):
             sl = rank_slice(sizes, rank)
             # all_gather's backward sums over ranks: world_size x the full-batch gradient
-            torch.testing.assert_close(r["img"], world * ref["img"][sl], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(r["txt"], world * ref["txt"][sl], rtol=1e-5, atol=1e-6)
+            # (compared after dividing by world_size, so the tolerance is in full-batch units)
+            close(r["img"] / world, ref["img"][sl], f"rank {rank} image grad / world_size")
+            close(r["txt"] / world, ref["txt"][sl], f"rank {rank} text grad / world_size")
 
-    for case, (name, overrides, train, ckpt, sizes) in enumerate(MODEL_CASES[world]):
+    for case, (name, overrides, train, ckpt, sizes, loss_name) in enumerate(MODEL_CASES[world]):
         got = results[0]["models"][case]
         # reference: one process, whole batch, no checkpointing
         model = build_model(name, overrides, train, False)
@@ -135,5 +167,6 @@ def test_distributed_equals_full_batch(world: int) -> None:
         assert got.keys() == want.keys() and "logit_scale" in want
         for key in want:
             torch.testing.assert_close(
-                got[key], want[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} ckpt={ckpt} {sizes} {key}: {m}"
+                got[key], want[key], rtol=1e-5, atol=1e-5,
+                msg=lambda m: f"{name} {loss_name} ckpt={ckpt} {sizes} {key}: {m}",
             )

@@ -2,7 +2,8 @@
 
     from pretrain.loss import clip_loss, get_loss
     loss = clip_loss(image_features, text_features, logit_scale)   # plain or distributed
-    loss_fn = get_loss("clip")                                       # chosen by run config
+    loss_fn = get_loss("clip_tiled", block_size=4096)                # chosen by run config
+    loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
 
 Every loss takes this rank's [b, d] features and follows one gradient convention: the
 autograd all-gather sums gradients across ranks and DDP/DeepSpeed average parameter
@@ -16,9 +17,15 @@ from typing import Any, Callable
 
 from pretrain.loss.clip import clip_loss
 from pretrain.loss.gather import gather_features, world_info
+from pretrain.loss.siglip import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE, siglip_loss
+from pretrain.loss.tiled import clip_loss_tiled
 
+# name -> loss(image_features, text_features, logit_scale, ...). "siglip" also needs the
+# model's logit_bias: loss(img, txt, logit_scale, logit_bias).
 _LOSSES: dict[str, Callable[..., Any]] = {
     "clip": clip_loss,
+    "clip_tiled": clip_loss_tiled,
+    "siglip": siglip_loss,
 }
 
 
@@ -36,4 +43,14 @@ def get_loss(name: str, **options: Any) -> Callable[..., Any]:
     return functools.partial(fn, **options) if options else fn
 
 
-__all__ = ["clip_loss", "gather_features", "get_loss", "list_losses", "world_info"]
+__all__ = [
+    "SIGLIP_INIT_BIAS",
+    "SIGLIP_INIT_LOG_SCALE",
+    "clip_loss",
+    "clip_loss_tiled",
+    "gather_features",
+    "get_loss",
+    "list_losses",
+    "siglip_loss",
+    "world_info",
+]

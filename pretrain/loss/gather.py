@@ -19,6 +19,8 @@ Run the tests: `.venv/bin/python -m pytest -q tests/test_loss_dist.py`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -63,7 +65,11 @@ def gather_features(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         # cat is differentiable, so the real rows keep their gradient.
         pad = x.new_zeros((biggest - x.shape[0],) + tuple(x.shape[1:]))
         x = torch.cat([x, pad], dim=0)
-    parts = dist_fn.all_gather(x.contiguous())
+    with warnings.catch_warnings():
+        # Recent torch marks this differentiable all_gather deprecated in favour of the private
+        # torch.distributed._functional_collectives; it is still the public, tested path.
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
+        parts = dist_fn.all_gather(x.contiguous())
     parts = [p[:n] for p, n in zip(parts, sizes)]
     return torch.cat(parts, dim=0), offset
 
