@@ -124,6 +124,10 @@ def test_draft_decode_reduced_size_close_to_full_decode():
     full = np.asarray(decode_rgb(data).resize((128, 128), Image.BICUBIC), dtype=np.float32)
     diff = np.abs(np.asarray(small, dtype=np.float32) - full)
     assert diff.mean() < 3.0, diff.mean()  # on a 0..255 scale
+    # PIL's draft mode (the fallback path, taken for an already opened image) agrees.
+    drafted = decode_rgb(Image.open(io.BytesIO(data)), (120, 120))
+    assert drafted.size == (128, 128)
+    assert np.abs(np.asarray(drafted, dtype=np.float32) - np.asarray(small, dtype=np.float32)).mean() < 2.0
 
 
 def test_train_transform_reduced_decode_close_to_full_decode():

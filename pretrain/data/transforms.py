@@ -3,8 +3,9 @@
 Every stage is a small pure function, tested alone (tests/test_data_transforms.py) and inside
 the loader (tests/test_data_loader.py):
 
-- ``decode_rgb(data, min_size)``: decode bytes to an RGB PIL image; JPEGs are decoded at a
-  reduced size (libjpeg DCT scaling through PIL's draft mode) when ``min_size`` allows it.
+- ``decode_rgb(data, min_size)``: decode bytes to an RGB PIL image; JPEGs go through
+  libjpeg-turbo (simplejpeg; PIL's draft mode as the fallback) and are decoded at a reduced
+  DCT scale (k/8) when ``min_size`` allows it.
 - ``random_square_crop_box(w, h, rng, scale)``: the paper's random square crop
   (random-resized-crop with aspect ratio fixed to 1).
 - ``center_crop_box``, ``resize_shorter_side_size``: the eval-time geometry.
@@ -24,6 +25,7 @@ import random
 from typing import Callable, Union
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -52,14 +54,43 @@ def open_image(data: ImageInput) -> Image.Image:
     return Image.open(io.BytesIO(bytes(data)))
 
 
+def _jpeg_bytes(data: ImageInput) -> bytes | None:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        return raw if raw[:2] == b"\xff\xd8" else None
+    return None
+
+
+def header_size(data: ImageInput) -> tuple[int, int]:
+    """(width, height) from the header only."""
+    jpeg = _jpeg_bytes(data)
+    if jpeg is not None:
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+            return int(w), int(h)
+        except Exception:  # noqa: BLE001 - let PIL read (or reject) headers libjpeg refuses
+            pass
+    return open_image(data).size
+
+
 def decode_rgb(data: ImageInput, min_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode to RGB. With ``min_size=(w, h)``, a JPEG is decoded at the smallest DCT scale
-    (1, 1/2, 1/4, 1/8) whose result is still at least ``min_size``: much cheaper than a full
-    decode when the target is far smaller than the stored image."""
+    whose result is still at least ``min_size``: much cheaper than a full decode when the
+    target is far smaller than the stored image."""
+    mw, mh = (max(1, int(min_size[0])), max(1, int(min_size[1]))) if min_size is not None else (0, 0)
+    jpeg = _jpeg_bytes(data)
+    if jpeg is not None:
+        try:
+            return Image.fromarray(simplejpeg.decode_jpeg(jpeg, colorspace="RGB", min_width=mw,
+                                                         min_height=mh))
+        except Exception:  # noqa: BLE001 - e.g. CMYK or damaged: PIL decodes or raises below
+            pass
     img = open_image(data)
     if min_size is not None and img.format == "JPEG":
-        img.draft("RGB", (max(1, int(min_size[0])), max(1, int(min_size[1]))))
-    return img if img.mode == "RGB" else img.convert("RGB")
+        img.draft("RGB", (mw, mh))  # PIL's reduced decode: scales 1/2, 1/4, 1/8
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    img.load()
+    return img
 
 
 def random_square_crop_box(w: int, h: int, rng: random.Random,
@@ -125,12 +156,11 @@ def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.9, 1.0
     size = int(image_size)
 
     def apply(data: ImageInput, rng: random.Random) -> torch.Tensor:
-        img = open_image(data)
-        w, h = img.size
+        w, h = header_size(data)
         box = random_square_crop_box(w, h, rng, (lo, hi))
         side = box[2] - box[0]
         need = (math.ceil(w * size / side), math.ceil(h * size / side)) if reduced_decode else None
-        img = decode_rgb(img, need)
+        img = decode_rgb(data, need)
         fx, fy = img.size[0] / w, img.size[1] / h  # < 1 when decoded at a reduced scale
         scaled = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
         return to_normalized_tensor(crop_resize(img, scaled, size))
@@ -144,10 +174,9 @@ def eval_transform(image_size: int, reduced_decode: bool = True) -> Callable[[Im
     size = int(image_size)
 
     def apply(data: ImageInput) -> torch.Tensor:
-        img = open_image(data)
-        w, h = img.size
+        w, h = header_size(data)
         rw, rh = resize_shorter_side_size(w, h, size)
-        img = decode_rgb(img, (rw, rh) if reduced_decode else None)
+        img = decode_rgb(data, (rw, rh) if reduced_decode else None)
         if img.size != (rw, rh):
             img = img.resize((rw, rh), Image.BICUBIC)
         return to_normalized_tensor(img.crop(center_crop_box(rw, rh, size)))
