@@ -84,9 +84,9 @@ def _rows(stats: dict[str, Any]) -> list[tuple[str, str, str]]:
 def summary_table(stats: dict[str, Any]) -> str:
     rows = _rows(stats)
     w = [max(len(r[i]) for r in rows) for i in range(3)]
-    line = "+".join("-" * (x + 2) for x in w)
-    out = [line] + [" | ".join(r[i].ljust(w[i]) for i in range(3)) for r in rows] + [line]
-    return "\n".join(out)
+    line = "+" + "+".join("-" * (x + 2) for x in w) + "+"
+    body = ["| " + " | ".join(r[i].ljust(w[i]) for i in range(3)) + " |" for r in rows]
+    return "\n".join([line, *body, line])
 
 
 def stats_markdown(stats: dict[str, Any]) -> str:
