@@ -1,0 +1,21 @@
+#!/bin/bash
+# ViT-L/14@336: one more epoch at 336 px from a finished ViT-L/14 (preset slurm/presets/vit_l14_336.yaml).
+#   CLIP_INIT_FROM=runs/clip-vit_l14 CLIP_DATA=/data/wit/manifest.json sbatch slurm/vit_l14_336.sh
+#   sbatch --nodes=N --ntasks-per-node=G --gpus-per-node=G slurm/vit_l14_336.sh --train.micro_batch=M
+# Everything else (srun, signals, requeue, NCCL, run dir, logs): slurm/common.sh, slurm/README.md.
+#SBATCH --job-name=clip-vit_l14_336
+#SBATCH --nodes=32
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+: "${CLIP_INIT_FROM:?set CLIP_INIT_FROM to the finished ViT-L/14 run dir (slurm/vit_l14.sh)}"
+clip_dir="$(dirname "$0")"  # in a job, $0 is Slurm's spool copy: use the submitted path
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then clip_dir="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')")"; fi
+# shellcheck source=slurm/common.sh
+source "${CLIP_REPO:-$clip_dir/..}/slurm/common.sh"
+clip_main vit_l14_336 "$@"
