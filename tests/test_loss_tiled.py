@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pretrain.loss import clip_loss, clip_loss_tiled, get_loss
-from pretrain.loss.tiled import tiled_row_ce
+from pretrain.loss.tiled import auto_block_size, tiled_row_ce
 
 
 def unit_rows(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -98,5 +98,24 @@ def test_registry_and_bad_block_size() -> None:
     assert get_loss("clip_tiled", block_size=2)(img, img, 5.0).item() == pytest.approx(
         clip_loss(img, img, 5.0).item(), rel=1e-6
     )
+    assert clip_loss_tiled(img, img, 5.0).item() == pytest.approx(clip_loss(img, img, 5.0).item(), rel=1e-6)
     with pytest.raises(ValueError, match="block_size"):
         clip_loss_tiled(img, img, 5.0, block_size=0)
+
+
+def test_auto_block_size() -> None:
+    assert auto_block_size(4, 3) == 3  # never more columns than exist
+    assert auto_block_size(4096, 32768) == (1 << 24) // 4096
+    assert auto_block_size(1 << 20, 1 << 20) == 128  # floor keeps blocks from getting thin
+
+
+def test_tiled_under_autocast_matches_plain() -> None:
+    # bf16 autocast (CPU here, CUDA on GPU): both forms see bf16 matmuls; the tiled
+    # backward recomputes under the same autocast state, so they agree to bf16 precision.
+    img, txt = unit_rows(24, 16, 13), unit_rows(24, 16, 14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = loss_and_grads(clip_loss, img, txt, 2.66)
+        got = loss_and_grads(clip_loss_tiled, img, txt, 2.66, block_size=7)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())

@@ -5,10 +5,14 @@ of one modality, C: gathered rows of the other). `TiledRowCE`, a custom autograd
 walks the B columns in blocks of `block_size`:
   forward:  per block z_blk (b x k), streaming max / sum-of-exp per row and the positives
             that fall in the block; only one b x k block lives at a time; saves A, C, s and
-            the b row maxima and log-sums;
+            the b row maxima and sums of exp;
   backward: recomputes each block, dz = g * (softmax_blk - onehot), and accumulates
-            dA += s dz @ C_blk, dC_blk = s dz^T @ A, ds += sum(dz * A @ C_blk^T).
-Peak extra memory is O(b x block_size) instead of O(b x B). Values and gradients equal the
+            dA += s dz @ C_blk, dC_blk = s dz^T @ A; ds = sum(dz * A @ C^T) = sum(A * dA) / s.
+The scale is folded into the b x d side, z = (sA) @ C^T, as in the plain loss, so that each
+block costs one matmul and few passes over the b x k buffer.
+Each block is built in place in one b x k buffer: peak extra memory is O(b x block_size)
+(plus the b x d and B x d gradients) instead of O(b x B). The default block size gives
+blocks of about 2^24 elements (64 MiB in fp32). Values and gradients equal the
 plain loss (clip.py) up to float rounding; the gradient convention through the all-gather is
 the same (clip.py docstring), since the gathered C receives its gradient like any tensor.
 
@@ -24,7 +28,13 @@ import torch
 from pretrain.loss.common import as_scalar, check_features, rank_share
 from pretrain.loss.gather import gather_pair, world_info
 
-DEFAULT_BLOCK_SIZE = 4096
+BLOCK_ELEMENTS = 1 << 24  # default block budget: b x block_size ~ 16M logits (64 MiB fp32)
+MIN_BLOCK_SIZE = 128  # below this the per-block matmuls get too thin to run fast
+
+
+def auto_block_size(local_rows: int, global_rows: int) -> int:
+    """Columns per block so that a block holds about BLOCK_ELEMENTS logits."""
+    return max(1, min(global_rows, max(MIN_BLOCK_SIZE, BLOCK_ELEMENTS // max(local_rows, 1))))
 
 
 def _positives_in_block(b: int, offset: int, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,9 +53,10 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 class TiledRowCE(torch.autograd.Function):
     """ce[i] = logsumexp_j(z[i, j]) - z[i, offset + i], z = scale * a @ c.T, in column
-    blocks of c. Holding the positive inside the function lets the backward form
-    softmax - onehot per block, as the plain loss does: subtracting two separately rounded
-    gradients of size ~scale would lose digits at scale 100."""
+    blocks of c. The positive is held inside the function so that the backward forms
+    softmax - onehot per block and the positive's gradient reaches the gathered copy of c,
+    exactly as in the plain loss. Under autocast (bf16 on GPU) the backward re-enters the
+    forward's autocast state, so the recomputed blocks equal the forward's."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -53,55 +64,65 @@ class TiledRowCE(torch.autograd.Function):
     ) -> torch.Tensor:
         b = a.shape[0]
         acc = _acc_dtype(a)
+        a_s = a * scale  # scale folded into the b x d side, as the plain loss does: (s A) C^T
         run_max = torch.full((b,), float("-inf"), device=a.device, dtype=acc)
         run_sum = torch.zeros((b,), device=a.device, dtype=acc)
         positive = torch.zeros((b,), device=a.device, dtype=acc)
         for start in range(0, c.shape[0], block_size):
             stop = min(start + block_size, c.shape[0])
-            z = (a @ c[start:stop].T).to(acc) * scale.to(acc)  # (b, k)
+            z = (a_s @ c[start:stop].T).to(acc)  # (b, k), the only b x k buffer
             rows, cols = _positives_in_block(b, offset, start, stop, a.device)
             positive[rows] = z[rows, cols]
-            new_max = torch.maximum(run_max, z.max(dim=1).values)
+            new_max = torch.maximum(run_max, z.amax(dim=1))
             # first block: exp(-inf - finite) = 0 multiplies an empty sum, as it should
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+            run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(dim=1)
             run_max = new_max
             del z
-        log_sum = torch.log(run_sum)
-        # max and log-sum kept apart: exp((z - max) - log_sum) in the backward is as accurate
-        # as a softmax; exp(z - lse) loses digits when z and lse are both ~100 (scale 100).
-        ctx.save_for_backward(a, c, scale, run_max, log_sum)
+        # The backward normalises with exp(z - max) / sum, never exp(z - lse): with z and lse
+        # both ~100 (scale 100) the latter loses digits that a softmax keeps.
+        ctx.save_for_backward(a, c, scale, run_max, run_sum)
         ctx.offset, ctx.block_size = offset, block_size
-        return (run_max - positive) + log_sum
+        device_type = a.device.type
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+        return (run_max - positive) + torch.log(run_sum)
 
     @staticmethod
     def backward(ctx: Any, grad_ce: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        a, c, scale, row_max, log_sum = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return TiledRowCE._backward(ctx, grad_ce)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_ce: torch.Tensor) -> tuple[Any, ...]:
+        a, c, scale, row_max, row_sum = ctx.saved_tensors
         offset, block_size = ctx.offset, ctx.block_size
         acc = _acc_dtype(a)
-        s = scale.to(acc)
         need_a, need_c, need_s = ctx.needs_input_grad[:3]
-        grad_a = torch.zeros(a.shape, device=a.device, dtype=acc) if need_a else None
-        grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype) if need_c else None
-        grad_s = torch.zeros((), device=a.device, dtype=acc)
+        a_s = a * scale
         g = grad_ce.to(acc)
+        g_over_sum = (g / row_sum)[:, None]
+        grad_a = torch.zeros(a.shape, device=a.device, dtype=acc)  # dL/d(sA); also gives dL/ds
+        grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype) if need_c else None
         for start in range(0, c.shape[0], block_size):
             stop = min(start + block_size, c.shape[0])
             c_blk = c[start:stop]
-            raw = (a @ c_blk.T).to(acc)  # (b, k) unscaled similarities
-            dz = torch.exp((raw * s - row_max[:, None]) - log_sum[:, None])  # softmax, this block
+            # dz = dL/dz = g * (softmax - onehot), built in place in the one b x k buffer
+            dz = (a_s @ c_blk.T).to(acc).sub_(row_max[:, None]).exp_().mul_(g_over_sum)
             rows, cols = _positives_in_block(a.shape[0], offset, start, stop, a.device)
-            dz[rows, cols] -= 1.0  # softmax - onehot
-            dz *= g[:, None]  # dL/dz
-            if need_s:
-                grad_s += (dz * raw).sum()
-            dz_s = (dz * s).to(a.dtype)  # dL/d(a @ c^T)
-            if need_a:
-                grad_a += (dz_s @ c_blk).to(acc)
+            dz[rows, cols] -= g[rows]
+            dz = dz.to(a.dtype)
+            grad_a += (dz @ c_blk).to(acc)
             if need_c:
-                grad_c[start:stop] = dz_s.T @ a
-            del raw, dz, dz_s
+                grad_c[start:stop] = dz.T @ a_s  # = s dz^T A
+            del dz
+        # z = (sA) C^T: dL/dA = s dL/d(sA), dL/ds = sum(A * dL/d(sA))
+        grad_s = (a.to(acc) * grad_a).sum() if need_s else None
         return (
-            grad_a.to(a.dtype) if need_a else None,
+            (grad_a * scale.to(acc)).to(a.dtype) if need_a else None,
             grad_c,
             grad_s.to(scale.dtype) if need_s else None,
             None,
@@ -110,10 +131,12 @@ class TiledRowCE(torch.autograd.Function):
 
 
 def tiled_row_ce(
-    a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, offset: int, block_size: int
+    a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, offset: int, block_size: int | None = None
 ) -> torch.Tensor:
     """Per-row cross-entropy of `scale * a @ c.T` with labels `offset + arange(len(a))`,
-    without materialising the logits (see module doc)."""
+    without materialising the logits (see module doc). `block_size=None`: auto_block_size."""
+    if block_size is None:
+        block_size = auto_block_size(a.shape[0], c.shape[0])
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1; got {block_size}")
     return TiledRowCE.apply(a, c, scale, offset, block_size)
@@ -123,17 +146,33 @@ def clip_loss_tiled(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor | float,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Same value, gradients and conventions as `clip_loss`, in O(b x block_size) memory.
 
-    Args as `clip_loss`, plus `block_size`: columns (global-batch samples) per block.
+    Args as `clip_loss`, plus `block_size`: columns (global-batch samples) per block;
+    None picks `auto_block_size` (blocks of about 2^24 logits).
     """
     check_features(image_features, text_features)
     scale = as_scalar(logit_scale, image_features, "logit_scale")
     _, world = world_info()
     all_image, all_text, offset = gather_pair(image_features, text_features)
+    local_sum = clip_tiled_local_sum(
+        image_features, text_features, all_image, all_text, offset, scale, block_size
+    )
+    return rank_share(local_sum, world, all_image.shape[0])
+
+
+def clip_tiled_local_sum(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    offset: int,
+    scale: torch.Tensor,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Tiled counterpart of `clip.clip_local_sum` (no collectives)."""
     ce_image = tiled_row_ce(image_features, all_text, scale, offset, block_size)  # image -> text
     ce_text = tiled_row_ce(text_features, all_image, scale, offset, block_size)  # text -> image
-    local_sum = (ce_image.sum() + ce_text.sum()) / 2
-    return rank_share(local_sum, world, all_image.shape[0])
+    return (ce_image.sum() + ce_text.sum()) / 2
