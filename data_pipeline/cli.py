@@ -99,7 +99,7 @@ def _resolve(args: argparse.Namespace, rest: list[str]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     from data_pipeline import pipeline
-    from data_pipeline.crawl import CrawlIncompleteError
+    from data_pipeline.crawl import CrawlIncompleteError, DistributorUnavailableError
     from data_pipeline.inputs import InputError
     from data_pipeline.layout import OutputMismatchError
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         stage: Callable[..., Any] = {"build": pipeline.build, "crawl": pipeline.crawl, "filter": pipeline.filter,
                                      "shard": pipeline.shard, "stats": pipeline.stats}[args.command]
         stage(cfg)
-    except (ConfigError, InputError, OutputMismatchError, pipeline.StageOrderError) as e:
+    except (ConfigError, InputError, OutputMismatchError, pipeline.StageOrderError, DistributorUnavailableError) as e:
         print(f"clip-data {args.command}: error: {e}", file=sys.stderr)
         return 2
     except CrawlIncompleteError as e:

@@ -7,6 +7,12 @@ crawl continues), checks that every crawl shard finished, and turns its per-samp
 status/error_message into counted reasons (:mod:`data_pipeline.crawl_counts`).
 
     summary = run_crawl(cfg, layout)
+
+Distributors: ``multiprocessing`` (default, this machine), ``pyspark`` (img2dataset uses
+the active SparkSession, or starts ``local[processes]``) and ``ray`` (the connected Ray
+cluster). The decompression-bomb cap reaches the workers through the environment variable
+``OPENCV_IO_MAX_IMAGE_PIXELS``: local workers inherit it; on a Spark cluster set
+``spark.executorEnv.OPENCV_IO_MAX_IMAGE_PIXELS`` in the session (Ray: ``runtime_env``).
 """
 from __future__ import annotations
 
@@ -65,8 +71,25 @@ def _img2dataset_env(cfg: BuildConfig) -> None:
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.crawl.max_image_pixels)
 
 
+class DistributorUnavailableError(RuntimeError):
+    """The configured distributor's package is not installed."""
+
+
+def _check_distributor(name: str) -> None:
+    # img2dataset silently does nothing when ray is missing: fail clearly instead.
+    module = {"pyspark": "pyspark", "ray": "ray"}.get(name)
+    if module is None:
+        return
+    try:
+        __import__(module)
+    except ImportError as e:
+        raise DistributorUnavailableError(
+            f"crawl.distributor={name} needs the {module} package: pip install {module}") from e
+
+
 def download(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: int) -> None:
     """One img2dataset.download call over ``OUT/input`` (incremental: resumes)."""
+    _check_distributor(cfg.crawl.distributor)
     _img2dataset_env(cfg)
     import img2dataset  # after the environment above: it imports albumentations and cv2
 

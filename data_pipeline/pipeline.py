@@ -89,7 +89,8 @@ def shard(cfg: BuildConfig) -> dict[str, Any]:
         raise StageOrderError(f"no filter result in {layout.root}: run `filter` (or `build`) first")
     with timed(layout, "shard"):
         shards = run_shard(cfg, layout, outcome.kept)
-        manifest = build_manifest(shards, dataset_identity(cfg), cfg.shard.samples_per_shard)
+        identity = fsutil.read_json(layout.build_config)["identity"]  # includes the URL list's sha256
+        manifest = build_manifest(shards, identity, cfg.shard.samples_per_shard)
         fsutil.write_json(layout.manifest, manifest)
     return manifest
 

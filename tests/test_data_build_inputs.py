@@ -158,3 +158,15 @@ def test_config_file_overrides_and_help(tmp_path: Path, capsys: pytest.CaptureFi
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert "--crawl.timeout=10.0" in text and "--filter.image.min_side" in text and "--shard.samples_per_shard" in text
+
+
+def test_missing_distributor_package_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed here")
+    files = write_all_formats(tmp_path)
+    code, text = run_cli(["crawl", "--urls", str(files["parquet"]), "--output", str(tmp_path / "out"),
+                          "--distributor", "ray", "--crawl.url_col=link", "--crawl.caption_col=text",
+                          "--allow-private-addresses"], capsys)
+    assert code == 2 and "crawl.distributor=ray needs the ray package" in text
