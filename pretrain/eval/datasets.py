@@ -82,9 +82,9 @@ class TarImages(ImageSource):
 
 
 def _decode(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()  # decode now, so a truncated file fails here (and is skipped), not later
-    return img
+    # Opened lazily: the transform may pick a reduced JPEG decode scale before pixels load;
+    # a truncated or corrupt file fails inside __getitem__ and is skipped there.
+    return Image.open(io.BytesIO(data))
 
 
 @dataclass

@@ -1,15 +1,17 @@
 """Eval-time image preprocessing: resize the shorter side (bicubic), centre crop, normalise.
 
-CLIP.md section 5's protocol. The training package's ``pretrain.data.eval_transform`` is
-used when it exists (one implementation for training-time and offline eval); this module's
-own :class:`CenterCropTransform` is the fallback and the reference. Both are picklable, so
-DataLoader workers can run them.
+CLIP.md section 5's protocol. The trainer's periodic eval and the offline CLI both build
+their eval sets through this module, so they preprocess identically. A JPEG that is much
+larger than the target is decoded at a reduced scale (PIL draft mode: libjpeg's DCT
+scaling by 1/2, 1/4, 1/8, never below the target size) before the bicubic resize.
+Picklable, so DataLoader workers can run it.
 
     from pretrain.eval.transforms import get_eval_transform
     fn, ident = get_eval_transform(224)   # fn(PIL.Image) -> FloatTensor[3, 224, 224]
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -29,9 +31,12 @@ class CenterCropTransform:
         self.image_size = int(image_size)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        s = self.image_size
+        if img.format == "JPEG":  # still undecoded: let libjpeg shrink it first
+            w, h = img.size
+            img.draft(None, (math.ceil(w * s / min(w, h)), math.ceil(h * s / min(w, h))))
         img = img.convert("RGB")
         w, h = img.size
-        s = self.image_size
         scale = s / min(w, h)
         # round() then max(s, .) keeps the shorter side exactly s and the longer >= s.
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
@@ -45,29 +50,6 @@ class CenterCropTransform:
         return (x - mean) / std
 
 
-class TrainingPackageTransform:
-    """``pretrain.data.eval_transform(size)`` built lazily in each process: that function
-    returns a closure, which spawn-started DataLoader workers could not unpickle."""
-
-    def __init__(self, image_size: int) -> None:
-        self.image_size = int(image_size)
-        self._fn: Callable[[Image.Image], torch.Tensor] | None = None
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if self._fn is None:
-            from pretrain.data import eval_transform
-
-            self._fn = eval_transform(self.image_size)
-        return self._fn(img)
-
-    def __getstate__(self) -> dict:
-        return {"image_size": self.image_size, "_fn": None}
-
-
 def get_eval_transform(image_size: int) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
     """The transform and a string that identifies it (part of the feature-cache key)."""
-    try:
-        from pretrain.data import eval_transform  # noqa: F401  (the training package's, when present)
-    except ImportError:
-        return CenterCropTransform(image_size), f"pretrain.eval.CenterCropTransform({image_size})"
-    return TrainingPackageTransform(image_size), f"pretrain.data.eval_transform({image_size})"
+    return CenterCropTransform(image_size), f"pretrain.eval.CenterCropTransform({image_size})/v1"
