@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import html
+import json
 from pathlib import Path
 
 import ftfy
@@ -62,11 +63,13 @@ def clean(text: str) -> str:
 
 
 class ReferenceClipTokenizer:
-    def __init__(self, merges: list[tuple[str, str]]) -> None:
+    def __init__(self, merges: list[tuple[str, str]], token_to_id: dict[str, int] | None = None) -> None:
         self.byte_chars = byte_to_char_table()
-        base = list(self.byte_chars.values())
-        vocab = base + [c + WORD_END for c in base] + ["".join(m) for m in merges] + [SOT, EOT]
-        self.token_to_id = {t: i for i, t in enumerate(vocab)}
+        if token_to_id is None:  # OpenAI's layout
+            base = list(self.byte_chars.values())
+            vocab = base + [c + WORD_END for c in base] + ["".join(m) for m in merges] + [SOT, EOT]
+            token_to_id = {t: i for i, t in enumerate(vocab)}
+        self.token_to_id = token_to_id
         self.id_to_token = {i: t for t, i in self.token_to_id.items()}
         self.rank = {m: i for i, m in enumerate(merges)}
         self.sot_id = self.token_to_id[SOT]
@@ -80,6 +83,13 @@ class ReferenceClipTokenizer:
         # Line 0 is a version header; merges follow, one "a b" pair per line.
         merges = [tuple(line.split()) for line in lines[1 : n_merges + 1]]
         return cls(merges)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path) -> "ReferenceClipTokenizer":
+        """Vocabulary and merges read straight from a saved ``tokenizer.json``."""
+        model = json.loads(Path(path).read_text(encoding="utf-8"))["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return cls(merges, dict(model["vocab"]))  # type: ignore[arg-type]
 
     def bpe(self, piece: str) -> list[str]:
         """Greedy BPE: repeatedly merge every occurrence of the lowest-ranked adjacent pair."""
@@ -126,3 +136,50 @@ class ReferenceClipTokenizer:
         inverse = {c: b for b, c in self.byte_chars.items()}
         text = "".join(self.id_to_token[i] for i in ids if i not in (self.sot_id, self.eot_id))
         return bytearray(inverse[c] for c in text).decode("utf-8", errors="replace").replace(WORD_END, " ")
+
+
+# -- a deterministic corpus of hard, caption-like strings (tests and the benchmark) ---------
+_SYLLABLES = "ka lo mi re su ta ne vo pi ra str ing tion ex pre un der over qu zz ph th ch sh".split()
+_WORDS = (
+    "a an the of on in with and photo picture image view of cat dog man woman child car "
+    "house city street beach mountain sunset red blue green black white old new big small "
+    "beautiful vintage portrait illustration vector stock background texture wallpaper"
+).split()
+_SPECIAL = [
+    "don't", "I'LL", "it's", "we've", "they're", "I'm", "she'd", "O'Neil", "rock'n'roll",
+    "2019", "3.5", "100%", "$9.99", "#tag", "@user", "http://x.com/a_b?c=1&d=2", "e-mail",
+    "!!!", "...", "?!", "--", "(", ")", "[1]", "\"quoted\"", "“curly”", "it’s", "¿qué?",
+    "&amp;", "&#39;", "&quot;", "&lt;b&gt;", "&amp;amp;", "&nbsp;", "&#x1F600;",
+    "café", "über", "naïve", "Straße", "ŁÓDŹ", "ﬁne", "Ｆｕｌｌｗｉｄｔｈ", "ΣΑΣ", "ǅ", "İstanbul",
+    "中文字符", "日本語のテキスト", "한국어", "العربية", "русский", "हिन्दी", "ελληνικά", "עברית", "ไทย",
+    "😀", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷", "❤️", "★★★", "©2020", "™", "½", "²", "٣", "Ⅻ",
+    "cafÃ©", "â€™s", "schÃ¶n", "\u200b", "\ufeff", "\x07", "\x1c", "\u0345", "'ſ", "e\u0301",
+    "<|endoftext|>", "<|startoftext|>", "!!<|endoftext|>", "<|ENDOFTEXT|>",
+]
+_SEPARATORS = [" "] * 12 + ["  ", "\t", "\n", " \r\n ", "\u3000", "\xa0", ", ", ". ", "-", ""]
+
+
+def random_captions(n: int, seed: int = 0) -> list[str]:
+    """``n`` reproducible captions: common words, pseudo-words (so BPE caches miss), and
+    ~1 in 6 tokens drawn from hard cases (contractions, digits, entities, scripts, emoji,
+    mojibake, control chars, special-token strings); ~1% are far longer than 77 tokens."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        n_words = rng.randint(150, 300) if rng.random() < 0.01 else rng.randint(1, 25)
+        parts = []
+        for _ in range(n_words):
+            r = rng.random()
+            if r < 0.55:
+                w = rng.choice(_WORDS)
+            elif r < 0.83:
+                w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+            else:
+                w = rng.choice(_SPECIAL)
+            case = rng.random()
+            w = w.upper() if case < 0.05 else w.capitalize() if case < 0.2 else w
+            parts.append(w + rng.choice(_SEPARATORS))
+        out.append("".join(parts))
+    return out
