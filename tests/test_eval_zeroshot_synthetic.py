@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_stubs import ColourCLIP, colour_dataset
+from test_eval_stubs import ColourCLIP, colour_dataset
 from pretrain.eval import build_zeroshot_classifier, zeroshot_eval, zeroshot_scores
 from pretrain.eval.tasks import EvalContext, run_ablation
 

@@ -1,4 +1,4 @@
-"""Stub CLIP towers for pretrain.eval tests whose answers are known exactly.
+"""Stub CLIP towers (helpers, no tests) for pretrain.eval tests whose answers are known exactly.
 
 The image tower undoes the eval normalisation and returns each image's mean RGB colour
 in [0, 1]; the text tower looks each text up in a table of hand-chosen embeddings. So a
