@@ -17,6 +17,7 @@
 #   CLIP_INIT_FROM   weights to start from (vit_l14_336: the finished ViT-L/14 run dir)
 #   CLIP_SRUN_ARGS   extra srun arguments, word-split (e.g. "--cpu-bind=none")
 #   CLIP_SRUN_WAIT   seconds srun waits for the other tasks once one has exited (300)
+#   CLIP_PREFLIGHT=0 skip the one-process config check before srun (slurm/preflight.py)
 #   CLIP_DRY_RUN=1   check the config and print the srun command; launch nothing
 
 # The repository this file belongs to (the model script sourced it by its real path).
@@ -157,7 +158,9 @@ clip_main() {
     clip_build_args "$@"
     # One python process checks the config against this allocation before any task
     # starts: a wrong batch split fails here with one message, not on every rank.
-    "$CLIP_PYTHON" "$CLIP_REPO/slurm/preflight.py" --world-size "${SLURM_NTASKS:?SLURM_NTASKS unset}" \
-        --config "$preset" -- "${CLIP_ARGS[@]}" || clip__die "preflight check failed (see above); nothing launched"
+    if [[ "${CLIP_PREFLIGHT:-1}" != 0 ]]; then
+        "$CLIP_PYTHON" "$CLIP_REPO/slurm/preflight.py" --world-size "${SLURM_NTASKS:?SLURM_NTASKS unset}" \
+            --config "$preset" -- "${CLIP_ARGS[@]}" || clip__die "preflight check failed (see above); nothing launched"
+    fi
     clip_launch "$preset"
 }
