@@ -30,8 +30,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .sources import DataSource, expand_sources
-from .stream import (ShuffleBuffer, SkipCounter, epoch_shards, read_samples, resampled_shards,
-                     stream_rng, weighted_mix)
+from .stream import (ReadMode, ShuffleBuffer, SkipCounter, epoch_shards, read_samples,
+                     resampled_shards, stream_rng, weighted_mix)
+from .tar_reader import load_bytes
 from .transforms import sample_rng, train_transform
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class StreamConfig:
     return_keys: bool
 
 
-def raw_stream(cfg: StreamConfig, stream: int, counter: SkipCounter) -> ShuffleBuffer:
+def raw_stream(cfg: StreamConfig, stream: int, counter: SkipCounter, mode: ReadMode) -> ShuffleBuffer:
     """The shuffled raw samples of one (rank, stream): deterministic, endless."""
     per_source = []
     for i, shards in enumerate(cfg.shard_lists):
@@ -72,7 +73,7 @@ def raw_stream(cfg: StreamConfig, stream: int, counter: SkipCounter) -> ShuffleB
             order = epoch_shards(list(shards), seed=cfg.seed + 7919 * i, epoch=cfg.epoch,
                                  rank=cfg.rank, world_size=cfg.world_size, stream=stream,
                                  num_streams=cfg.num_streams)
-        per_source.append(read_samples(order, counter, len(set(shards))))
+        per_source.append(read_samples(order, counter, len(set(shards)), mode))
     mixed = weighted_mix(per_source, list(cfg.weights),
                          stream_rng(cfg.seed, cfg.epoch, cfg.rank, stream, "mix"))
     return ShuffleBuffer(mixed, cfg.shuffle_buffer,
@@ -97,11 +98,13 @@ class BatchStream(IterableDataset):
         if first >= cfg.steps:
             return
         stream = first % cfg.num_streams
-        counter = SkipCounter()
-        samples = raw_stream(cfg, stream, counter)
-        # Fast-forward: the batches before `first` in this stream, as raw samples only.
+        counter, mode = SkipCounter(), ReadMode(lazy=True)
+        samples = raw_stream(cfg, stream, counter, mode)
+        # Fast-forward: the batches before `first` in this stream, as raw samples only (local
+        # tars: headers only; samples still buffered afterwards are read when used).
         for _ in range((first // cfg.num_streams) * cfg.micro_batch):
             next(samples)
+        mode.lazy = False
         counter.since_batch = 0
         transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.reduced_decode)
         for _ in range(first, cfg.steps, cfg.num_streams):
@@ -115,8 +118,8 @@ class BatchStream(IterableDataset):
     def _decode(self, sample: dict, transform: Callable, counter: SkipCounter):
         key = self._key(sample)
         try:
-            image = transform(sample["image"], sample_rng(self.cfg.seed, self.cfg.epoch, key))
-            caption = sample["txt"].decode("utf-8")
+            image = transform(load_bytes(sample["image"]), sample_rng(self.cfg.seed, self.cfg.epoch, key))
+            caption = load_bytes(sample["txt"]).decode("utf-8")
         except Exception as exn:  # noqa: BLE001 - a bad sample is skipped and counted
             counter.skip(f"{key}: {exn!r}", key)
             return None
