@@ -112,6 +112,10 @@ def index_shards(urls: Iterable[str], problems: Problems | None = None) -> tuple
                         continue
                     key, ext = m.group(1), m.group(2).lower()
                     by_key.setdefault(key, {})[ext] = Member(url, info.offset_data, info.size)
+                # tarfile ends quietly when a file is cut at a header boundary; a complete
+                # archive still has its two zero blocks after the last member.
+                if f.seek(0, 2) < tar.offset + 2 * tarfile.BLOCKSIZE:
+                    problems.add("damaged_shard", f"{url}: no end-of-archive marker (truncated?)")
         except (tarfile.TarError, OSError, EOFError) as e:
             problems.add("damaged_shard", f"{url}: {e}")
         samples.extend(by_key.values())
