@@ -1,0 +1,105 @@
+"""Image-text cosine similarity with a checkpoint of this project, batched (optional rule).
+
+The checkpoint is either an OpenAI-layout state-dict file (``torch.save(sd, path)``,
+loaded with ``pretrain.models.from_openai_state_dict``) or a training run directory
+(``pretrain.train.checkpoint.load_model_from_run``). Torch and the model code are imported
+only when the rule is switched on, so the filter runs without them otherwise.
+
+    scorer = ClipScorer.from_config(cfg.clip_score)
+    scores = scorer.score([pil_rgb_image, ...], ["a caption", ...])   # np.ndarray of cosines
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline.filter.config import ClipScoreConfig
+
+CLIP_SCORE = "filter/clip_score"
+
+# OpenAI CLIP's normalisation constants.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_CACHE: dict[tuple[str, str, str], "ClipScorer"] = {}
+
+
+def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the shorter side to image_size (bicubic), centre-crop a square, scale to
+    [0, 1], normalise with CLIP's mean/std. Returns float32 [3, S, S]."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = image_size / min(w, h)
+    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - image_size) // 2, (nh - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    x = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
+    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_checkpoint_model(checkpoint: str, tag: str = "", device: str = "cpu") -> Any:
+    """The CLIP model of a state-dict file or a run directory, in eval mode on ``device``."""
+    import torch
+
+    if os.path.isdir(checkpoint):
+        from pretrain.train.checkpoint import load_model_from_run  # built by the trainer
+
+        model = load_model_from_run(checkpoint, tag=tag or None, device=device)
+    elif os.path.isfile(checkpoint):
+        from pretrain.models import from_openai_state_dict
+
+        sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        model = from_openai_state_dict(sd)
+    else:
+        raise FileNotFoundError(f"clip_score.checkpoint: no such file or run directory: {checkpoint}")
+    return model.to(device).eval()
+
+
+class ClipScorer:
+    def __init__(self, model: Any, tokenizer: Any, device: str, batch_size: int = 64):
+        self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
+        self.image_size = int(model.image_size)
+        self.context_length = int(model.context_length)
+
+    @classmethod
+    def from_config(cls, cfg: ClipScoreConfig) -> "ClipScorer":
+        """One scorer per process and checkpoint (a worker filters many tars)."""
+        import torch
+
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        key = (os.path.abspath(cfg.checkpoint), cfg.tag, device)
+        if key not in _CACHE:
+            from pretrain.tokenizer import default_tokenizer
+
+            model = load_checkpoint_model(cfg.checkpoint, cfg.tag, device)
+            _CACHE[key] = cls(model, default_tokenizer(), device, cfg.batch_size)
+        scorer = _CACHE[key]
+        scorer.batch_size = cfg.batch_size
+        return scorer
+
+    def score(self, images: list[Image.Image], captions: list[str]) -> np.ndarray:
+        """Cosine between each image and its caption, float64 [N]."""
+        import torch
+
+        out = np.zeros(len(images), dtype=np.float64)
+        for i in range(0, len(images), self.batch_size):
+            imgs = images[i: i + self.batch_size]
+            caps = captions[i: i + self.batch_size]
+            x = torch.from_numpy(np.stack([eval_transform(im, self.image_size) for im in imgs])).to(self.device)
+            tokens = self.tokenizer(caps, context_length=self.context_length).to(self.device)
+            with torch.inference_mode():
+                fi = self.model.encode_image(x).float()
+                ft = self.model.encode_text(tokens).float()
+            fi = fi / fi.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            ft = ft / ft.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            out[i: i + len(imgs)] = (fi * ft).sum(-1).cpu().double().numpy()
+        return out
