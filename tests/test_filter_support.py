@@ -88,3 +88,25 @@ def write_tar(path, samples: list[dict]) -> str:
 def good(key: str, i: int, **kw) -> dict:
     """A sample that passes every per-sample rule (Fashion-MNIST image i, 256 px)."""
     return sample(key, encode(real_image(i)), real_caption(i), **kw)
+
+
+def phash_int(data: bytes) -> int:
+    import imagehash
+
+    return int(str(imagehash.phash(Image.open(io.BytesIO(data)).convert("RGB"))), 16)
+
+
+@lru_cache(maxsize=4)
+def distinct_indices(n: int, min_distance: int = 10) -> tuple[int, ...]:
+    """n Fashion-MNIST test indices whose 256-px JPEGs are pairwise more than min_distance
+    apart in pHash: images the near-duplicate rule must keep."""
+    picked: list[int] = []
+    hashes: list[int] = []
+    i = 0
+    while len(picked) < n:
+        h = phash_int(encode(real_image(i)))
+        if all(bin(h ^ o).count("1") > min_distance for o in hashes):
+            picked.append(i)
+            hashes.append(h)
+        i += 1
+    return tuple(picked)

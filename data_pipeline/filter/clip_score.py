@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import fsspec
 import numpy as np
 from PIL import Image
 
@@ -20,26 +21,7 @@ from data_pipeline.filter.config import ClipScoreConfig
 
 CLIP_SCORE = "filter/clip_score"
 
-# OpenAI CLIP's normalisation constants.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 _CACHE: dict[tuple[str, str, str], "ClipScorer"] = {}
-
-
-def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
-    """Resize the shorter side to image_size (bicubic), centre-crop a square, scale to
-    [0, 1], normalise with CLIP's mean/std. Returns float32 [3, S, S]."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = image_size / min(w, h)
-    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - image_size) // 2, (nh - image_size) // 2
-    img = img.crop((left, top, left + image_size, top + image_size))
-    x = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
-    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def load_checkpoint_model(checkpoint: str, tag: str = "", device: str = "cpu") -> Any:
@@ -50,22 +32,28 @@ def load_checkpoint_model(checkpoint: str, tag: str = "", device: str = "cpu") -
         from pretrain.train.checkpoint import load_model_from_run  # built by the trainer
 
         model = load_model_from_run(checkpoint, tag=tag or None, device=device)
-    elif os.path.isfile(checkpoint):
+    else:
         from pretrain.models import from_openai_state_dict
 
-        sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        fs, path = fsspec.core.url_to_fs(checkpoint)
+        if not fs.isfile(path):
+            raise FileNotFoundError(f"clip_score.checkpoint: no such state-dict file or run directory: {checkpoint}")
+        with fs.open(path, "rb") as f:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
         model = from_openai_state_dict(sd)
-    else:
-        raise FileNotFoundError(f"clip_score.checkpoint: no such file or run directory: {checkpoint}")
     return model.to(device).eval()
 
 
 class ClipScorer:
     def __init__(self, model: Any, tokenizer: Any, device: str, batch_size: int = 64):
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
-        self.image_size = int(model.image_size)
+        from pretrain.data.transforms import eval_transform
+
+        # The same preprocessing as zero-shot evaluation: shorter side -> S (bicubic),
+        # centre crop, CLIP mean/std.
+        self.transform = eval_transform(int(model.image_size))
         self.context_length = int(model.context_length)
 
     @classmethod
@@ -94,7 +82,7 @@ class ClipScorer:
         for i in range(0, len(images), self.batch_size):
             imgs = images[i: i + self.batch_size]
             caps = captions[i: i + self.batch_size]
-            x = torch.from_numpy(np.stack([eval_transform(im, self.image_size) for im in imgs])).to(self.device)
+            x = torch.stack([self.transform(im) for im in imgs]).to(self.device)
             tokens = self.tokenizer(caps, context_length=self.context_length).to(self.device)
             with torch.inference_mode():
                 fi = self.model.encode_image(x).float()

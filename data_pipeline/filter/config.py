@@ -80,7 +80,9 @@ class ClipScoreConfig:
     enabled: bool = False
     # An OpenAI-layout state dict file (torch.save) or a training run directory.
     checkpoint: str = ""
-    tag: str = ""  # checkpoint tag inside a run dir; "" = latest complete one
+    # Checkpoint tag inside a run dir; "" = the latest complete one. Name a tag (or use a
+    # file) for a resumable build: a per-shard record is reused while the settings match.
+    tag: str = ""
     # LAION-400M used 0.28 with OpenAI's ViT-B/32; DataComp's "CLIP score" baselines ~0.3.
     min_score: float = 0.28
     batch_size: int = 64
