@@ -186,7 +186,9 @@ def make_site(root: Path, n_good: int = 16) -> Site:
     bad(put("tiny.png", _encode(_img(images[spare[1]], (28, 28), False), "PNG")), ok, "filter/min_side")
     bad(put("wide.jpg", _encode(_img(images[spare[2]], (256, 64), True), "JPEG")), ok, "filter/aspect_ratio")
     # duplicates: the first occurrence (input order) stays
-    bad(g0.path, g0.caption, DUP_URL_CAPTION)  # the same URL and caption again
+    # The same URL and caption again: the same bytes come back, and the image-hash check
+    # runs before the (url, caption) one, so it counts as a duplicate image.
+    bad(g0.path, g0.caption, DUP_SHA256)
     bad(put("copy_of_good_02" + Path(g2.path).suffix, (root / g2.path).read_bytes()),
         b"another shop listing this exact garment", DUP_SHA256)  # same bytes, other URL
     near = _encode(_img(images[good[3]], (100, 100), False), "JPEG", quality=60)
@@ -209,7 +211,6 @@ def make_site(root: Path, n_good: int = 16) -> Site:
     return site
 
 
-# Dedup reasons of the filter stage (names from data_pipeline.filter).
-DUP_URL_CAPTION = "filter/dup_url_caption"
-DUP_SHA256 = "filter/dup_sha256"
-DUP_NEAR = "filter/dup_near"
+# Dedup reasons of the filter stage (data_pipeline.filter.global_pass).
+DUP_SHA256 = "filter/duplicate_image"
+DUP_NEAR = "filter/near_duplicate"
