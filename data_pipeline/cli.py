@@ -13,11 +13,13 @@ continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any, Callable
 
 from data_pipeline.typed_config import ConfigError, describe, parse_override
 
+DESCRIPTION = "Build an image-text dataset from a URL list: crawl (img2dataset) -> filter -> webdataset shards."
 STAGES = {
     "build": "crawl, filter and shard in one go, then print the stats",
     "crawl": "download the URL list with img2dataset into OUT/crawl (safety-checked, resumable)",
@@ -28,6 +30,13 @@ STAGES = {
 _WITH_INPUT = ("build", "crawl")
 
 
+def _show(value: Any) -> str:
+    """A default as one would type it on the command line (YAML spelling)."""
+    if value is None or isinstance(value, (bool, list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
 def _config_help() -> str:
     from data_pipeline.config import BuildConfig
 
@@ -35,12 +44,12 @@ def _config_help() -> str:
     for key, typ, default, doc in describe(BuildConfig):
         if key in ("urls", "output"):
             continue
-        lines.append(f"  --{key}={default!r}  [{typ}]" + (f"  {doc}" if doc else ""))
+        lines.append(f"  --{key}={_show(default)}  [{typ}]" + (f"  {doc}" if doc else ""))
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="clip-data", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="clip-data", description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Run `clip-data COMMAND --help` for a command's options.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")

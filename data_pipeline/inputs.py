@@ -47,7 +47,7 @@ def list_input_files(urls: str, input_format: str = "auto") -> tuple[list[str], 
     """The input files (sorted, for a directory) and their format."""
     if not urls:
         raise InputError("no URL list given: pass --urls FILE_OR_DIR")
-    fs, path = fsspec_path(urls)
+    fs, path = fsutil.url_to_fs(urls)
     if not fs.exists(path):
         raise InputError(f"URL list not found: {urls}")
     if fs.isdir(path):
@@ -61,12 +61,8 @@ def list_input_files(urls: str, input_format: str = "auto") -> tuple[list[str], 
     return [urls], (detect_format(urls) if input_format == "auto" else input_format)
 
 
-def fsspec_path(url: str):  # noqa: ANN201 - (fs, path) tuple
-    return fsutil.url_to_fs(url)
-
-
 def _read_raw(file: str, fmt: str, columns: list[str] | None, header: bool) -> pa.Table:
-    fs, path = fsspec_path(file)
+    fs, path = fsutil.url_to_fs(file)
     with fs.open(path, "rb") as f:
         if fmt == "txt":
             lines = f.read().decode("utf-8", errors="replace").splitlines()
@@ -96,8 +92,8 @@ def _missing_msg(file: str, missing: Sequence[str], names: Sequence[str]) -> str
     )
 
 
-def _as_text(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:
-    """A column as UTF-8 strings (nulls kept), or InputError if it is not text-like."""
+def _as_text(col: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """A column as UTF-8 strings (nulls kept), or None if it is not text-like."""
     t = col.type
     if pa.types.is_dictionary(t):
         col, t = col.cast(t.value_type), t.value_type
@@ -108,7 +104,7 @@ def _as_text(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:
         return pa.chunked_array([pa.array(vals, pa.string())])
     if pa.types.is_null(t):
         return pa.chunked_array([pa.nulls(len(col), pa.string())])
-    return None  # type: ignore[return-value]
+    return None
 
 
 def _jsonable(v: Any) -> Any:
@@ -123,13 +119,13 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _extra(col: pa.ChunkedArray, file: str, name: str) -> pa.ChunkedArray:
+def _extra(col: pa.ChunkedArray) -> pa.ChunkedArray:
     """Keep simple scalar columns as they are; anything else as JSON text, so img2dataset
     can put it into each sample's json (a timestamp or bytes value would crash its writer)."""
     t = col.type
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
         return col
-    text = _as_text(col, file, name)
+    text = _as_text(col)
     if text is not None:
         return text
     vals = [None if v is None else json.dumps(_jsonable(v), sort_keys=True) for v in col.to_pylist()]
@@ -166,13 +162,13 @@ def read_url_table(
     if missing:
         raise InputError(_missing_msg(file, missing, names))
     cols: dict[str, pa.ChunkedArray] = {}
-    url = _as_text(raw.column(url_col), file, url_col)
+    url = _as_text(raw.column(url_col))
     if url is None:
         raise InputError(f"{file}: URL column {url_col!r} holds {raw.column(url_col).type}, not text URLs")
     cols["url"] = pc.utf8_trim_whitespace(url)
     if caption_col:
         cap = raw.column(caption_col)
-        text = _as_text(cap, file, caption_col)
+        text = _as_text(cap)
         if text is None:
             if pa.types.is_nested(cap.type):
                 raise InputError(f"{file}: caption column {caption_col!r} holds {cap.type}, not text")
@@ -181,5 +177,5 @@ def read_url_table(
     extras = [c for c in names if c not in (url_col, caption_col)] if extra_columns is None else list(extra_columns)
     for name in extras:
         out_name = f"src_{name}" if name in RESERVED else name
-        cols[out_name] = _extra(raw.column(name), file, name)
+        cols[out_name] = _extra(raw.column(name))
     return pa.table(cols)

@@ -29,6 +29,10 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _type_name(t: Any) -> str:
+    if typing.get_origin(t) is Literal:
+        return "|".join(str(a) for a in typing.get_args(t))
+    if typing.get_origin(t) is not None or isinstance(t, types.UnionType):
+        return str(t).replace("typing.", "")
     return getattr(t, "__name__", None) or str(t).replace("typing.", "")
 
 
@@ -41,14 +45,13 @@ def coerce(value: Any, t: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} matches none of {_type_name(t)}")
     if origin is Literal:
         if value not in args:

@@ -29,8 +29,8 @@ from pretrain.packaged_data import FASHION_MNIST_CLASSES, fashion_mnist_availabl
 
 KEPT = "kept"
 # Crawl timeout for these cases; the slow URL answers well after it.
-TIMEOUT_S = 2.0
-SLOW_DELAY_S = 6.0
+TIMEOUT_S = 3.0
+SLOW_DELAY_S = 8.0
 # Filter settings the expectations are computed for (small images: a quick crawl).
 FILTER_OVERRIDES = {
     "filter.image.min_side": 64,

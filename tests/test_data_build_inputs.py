@@ -157,7 +157,7 @@ def test_config_file_overrides_and_help(tmp_path: Path, capsys: pytest.CaptureFi
             cli.main([command, "--help"])
         assert e.value.code == 0
         text = capsys.readouterr().out
-        assert "--crawl.timeout=10.0" in text and "--filter.image.min_side" in text and "--shard.samples_per_shard" in text
+        assert "--crawl.timeout=10.0" in text and "--crawl.caption_col=caption" in text and "--filter.image.min_side" in text and "--shard.samples_per_shard" in text
 
 
 def test_missing_distributor_package_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
