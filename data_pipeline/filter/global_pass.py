@@ -108,4 +108,5 @@ def global_pass(work_dir: str, cfg: FilterConfig, tars: list[str] | None = None)
 
     counts = {str(k): int(v) for k, v in df.loc[df["decision"] != KEPT, "decision"].value_counts().sort_index().items()}
     kept = df.loc[df["decision"] == KEPT].drop(columns=["decision"]).reset_index(drop=True)
+    kept["balance_entries"] = kept["balance_entries"].map(list)  # numpy arrays -> plain lists
     return FilterResult(kept=kept, counts=counts, total_in=len(df), decisions_path=out)

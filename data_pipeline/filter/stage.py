@@ -52,6 +52,8 @@ def filter_stage(input_tars: list[str], work_dir: str, cfg: FilterConfig, proces
                 try:
                     fut.result()
                 except Exception as e:
+                    # Finished tars keep their records (a rerun resumes); queued ones are dropped.
+                    ex.shutdown(wait=True, cancel_futures=True)
                     raise RuntimeError(f"filter pass 1 failed on {futures[fut]}: {e}") from e
                 bar.update(1)
     bar.close()

@@ -1,0 +1,87 @@
+"""The optional CLIP-score rule with a tiny randomly initialised model of this project saved
+in OpenAI layout: the stage's scores equal an independent per-sample cosine, and the
+threshold rejects exactly the samples below it."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.filter import FilterConfig, filter_stage
+from test_filter_support import distinct_indices, encode, real_caption, real_image, sample, write_tar
+
+models = pytest.importorskip("pretrain.models")
+tokenizer_mod = pytest.importorskip("pretrain.tokenizer")
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+def reference_scores(model, images: list[bytes], captions: list[str]) -> np.ndarray:
+    """One sample at a time, float64 cosine: shorter side -> S bicubic, centre crop, mean/std."""
+    s = model.image_size
+    tok = tokenizer_mod.default_tokenizer()
+    out = []
+    for data, cap in zip(images, captions):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        w, h = img.size
+        nw, nh = (s, round(h * s / w)) if w <= h else (round(w * s / h), s)
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = round((nw - s) / 2), round((nh - s) / 2)
+        x = (np.asarray(img.crop((left, top, left + s, top + s)), dtype=np.float64) / 255 - MEAN) / STD
+        x = torch.tensor(x.transpose(2, 0, 1)[None], dtype=torch.float32)
+        with torch.no_grad():
+            fi = model.encode_image(x).double()[0]
+            ft = model.encode_text(tok([cap], context_length=model.context_length)).double()[0]
+        out.append(float(fi @ ft / (fi.norm() * ft.norm())))
+    return np.array(out)
+
+
+@pytest.mark.timeout(180)
+def test_clip_score_matches_independent_cosine_and_threshold(tmp_path):
+    torch.manual_seed(0)
+    model = models.create_model("ViT-tiny", image_size=32).eval()
+    ckpt = tmp_path / "tiny_openai.pt"
+    torch.save(models.to_openai_state_dict(model), ckpt)
+
+    d = distinct_indices(10)
+    images = [encode(real_image(d[i]), size=(256, 300) if i % 2 else 256) for i in range(10)]
+    captions = [real_caption(d[i]) for i in range(10)]
+    tar = write_tar(tmp_path / "00000.tar", [sample(f"{i:09d}", im, c) for i, (im, c) in enumerate(zip(images, captions))])
+    ref = reference_scores(model, images, captions)
+    assert np.ptp(ref) > 1e-3  # the random model gives distinct scores
+
+    # Threshold between the 4th and 5th smallest: exactly 4 rejected. Batch size 3 makes
+    # the batches ragged.
+    thr = float(np.sort(ref)[3:5].mean())
+    cfg = FilterConfig.from_dict({"clip_score": {"enabled": True, "checkpoint": str(ckpt), "min_score": thr,
+                                                 "batch_size": 3, "device": "cpu"}})
+    res = filter_stage([tar], str(tmp_path / "work"), cfg)
+    assert res.counts == {"filter/clip_score": 4}
+    assert res.kept["key"].tolist() == [f"{i:09d}" for i in range(10) if ref[i] >= thr]
+    np.testing.assert_allclose(res.kept["clip_score"].to_numpy(), ref[ref >= thr], atol=1e-5)
+    dec = pd.read_parquet(tmp_path / "work" / "decisions.parquet")
+    np.testing.assert_allclose(dec["clip_score"].to_numpy(), ref, atol=1e-5)  # rejected ones scored too
+
+
+def test_run_dir_checkpoint_goes_through_load_model_from_run(tmp_path, monkeypatch):
+    ckpt = pytest.importorskip("pretrain.train.checkpoint")
+    from data_pipeline.filter.clip_score import load_checkpoint_model
+
+    model = models.create_model("ViT-tiny", image_size=32)
+    seen = {}
+
+    def fake_load(run_dir, tag=None, device="cpu"):
+        seen.update(run_dir=run_dir, tag=tag, device=device)
+        return model
+
+    monkeypatch.setattr(ckpt, "load_model_from_run", fake_load)
+    assert load_checkpoint_model(str(tmp_path), "step_00000010") is model
+    assert seen == {"run_dir": str(tmp_path), "tag": "step_00000010", "device": "cpu"}
+    assert not model.training
+    with pytest.raises(FileNotFoundError, match="no such"):
+        load_checkpoint_model(str(tmp_path / "nothing.pt"))
