@@ -62,9 +62,8 @@ clip_setup_dist_env() {
     # A rank whose NCCL collective fails or times out tears its process down instead of
     # hanging, so srun --kill-on-bad-exit ends the whole step.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
-    # Collective timeout in minutes (deepspeed.init_distributed); long enough for a
-    # checkpoint write by the slowest rank, short compared with the 30 min of old defaults.
-    export DEEPSPEED_TIMEOUT="${DEEPSPEED_TIMEOUT:-10}"
+    # The collective timeout itself is the run config's train.dist_timeout_s (the presets
+    # set it): a rank stuck in a collective with a dead or hung peer fails after it.
     export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
     # NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_DISABLE ... are cluster-specific: export them
     # before sbatch when NCCL picks the wrong interface (slurm/README.md, "NCCL").

@@ -163,29 +163,31 @@ class SlurmCluster:
     def release_requeued(self, job: int, timeout: float = 60) -> dict[str, str]:
         """Wait until `job` was requeued, then lift Slurm's fixed ~2 min requeue hold
         (EligibleTime = now + 120 s) so that it starts again at once."""
-        info = self.wait_for(job, lambda i: int(i.get("Restarts", "0")) >= 1 and i.get("JobState") != "RUNNING"
+        info = self.wait_for(job, lambda i: int(i.get("Restarts", "0")) >= 1 and i.get("JobState") == "PENDING"
                              or i.get("JobState") in FINAL_STATES, timeout, "requeued")
         if info.get("JobState") == "PENDING":
             self.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
         return info
 
     def task_pids(self, job: int, procid: int, needle: str = "") -> list[int]:
-        """Pids of the processes of task `procid` of `job` (from /proc: every process of a
-        task carries SLURM_JOB_ID and SLURM_PROCID), optionally whose command line contains
-        `needle`. Works because the "nodes" are this machine."""
-        pids = []
+        """Top processes of task `procid` of `job` whose command line contains `needle`
+        (children such as data-loader workers, which inherit both, are left out). Read from
+        /proc, which works because the "nodes" are this machine: every process of a task
+        carries SLURM_JOB_ID and SLURM_PROCID in its environment."""
+        found: dict[int, int] = {}  # pid -> parent pid
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 environ = (entry / "environ").read_bytes().split(b"\0")
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
             if (f"SLURM_JOB_ID={job}".encode() in environ and f"SLURM_PROCID={procid}".encode() in environ
                     and b"SLURM_STEP_ID=0" in environ and needle in cmdline):
-                pids.append(int(entry.name))
-        return sorted(pids)
+                found[int(entry.name)] = ppid
+        return sorted(pid for pid, ppid in found.items() if ppid not in found)
 
     def logs_tail(self, lines: int = 15) -> str:
         out = []
