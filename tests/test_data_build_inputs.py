@@ -170,3 +170,17 @@ def test_missing_distributor_package_is_a_clear_error(tmp_path: Path, capsys: py
                           "--distributor", "ray", "--crawl.url_col=link", "--crawl.caption_col=text",
                           "--allow-private-addresses"], capsys)
     assert code == 2 and "crawl.distributor=ray needs the ray package" in text
+
+
+def test_build_where_every_url_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing to crawl: the build still completes and accounts for every row."""
+    urls = ["http://10.0.0.1/a.jpg", "file:///etc/passwd", "", "http://[::1]/b.jpg"]
+    pd.DataFrame({"url": urls, "caption": ["a caption here"] * 4}).to_parquet(tmp_path / "u.parquet")
+    code, text = run_cli(["build", "--urls", str(tmp_path / "u.parquet"), "--output", str(tmp_path / "out")], capsys)
+    assert code == 0, text
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["counts"] == {"safety/private_address": 2, "safety/bad_scheme": 1, "input/missing_url": 1}
+    assert (stats["rows_in"], stats["kept"], stats["unaccounted"]) == (4, 0, 0)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["shards"], manifest["total_samples"], manifest["pattern"]) == ([], 0, None)
+    assert "| kept     | samples" in text
