@@ -9,7 +9,8 @@ The shards are mosaics of real Fashion-MNIST images (4 x 4 tiles, per-tile colou
 mild sensor noise) so the JPEGs carry photo-like detail; ``make_bench_shards`` is meant to be
 reused by the open_clip side of this benchmark so both read the same files. Throughput is
 measured after the first batch (worker start-up and shuffle-buffer fill excluded; both are
-printed separately). Numbers depend on the machine's load: run on an idle machine.
+printed separately); each setting runs ``--repeats`` times, alternating, and the best run
+is reported. Numbers depend on the machine's load: run on an idle machine.
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=64)
     ap.add_argument("--sizes", default="256,512", help="stored JPEG sizes (px), comma-separated")
     ap.add_argument("--shard-dir", default="/tmp/bench_input_shards")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="runs per setting, alternating on/off; the best is reported (load noise)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pretrain.tokenizer import default_tokenizer
@@ -107,13 +110,17 @@ def main() -> None:
     print("|---|---|---|---|")
     for px in (int(p) for p in args.sizes.split(",")):
         pattern = make_bench_shards(Path(args.shard_dir) / f"px{px}", px, args.samples)
-        rates = {}
+        best: dict[bool, dict] = {}
+        for _ in range(args.repeats):
+            for reduced in (False, True):
+                r = measure(pattern, reduced=reduced, workers=args.workers, image_size=args.image_size,
+                            micro_batch=args.micro_batch, n_samples=args.samples, tokenizer=tok)
+                if reduced not in best or r["samples_per_s"] > best[reduced]["samples_per_s"]:
+                    best[reduced] = r
+        rates = {k: v["samples_per_s"] for k, v in best.items()}
         for reduced in (False, True):
-            r = measure(pattern, reduced=reduced, workers=args.workers, image_size=args.image_size,
-                        micro_batch=args.micro_batch, n_samples=args.samples, tokenizer=tok)
-            rates[reduced] = r["samples_per_s"]
-            print(f"| {px} | {'on' if reduced else 'off'} | {r['samples_per_s']:.0f} | "
-                  f"{r['first_batch_s']:.2f} |", flush=True)
+            print(f"| {px} | {'on' if reduced else 'off'} | {rates[reduced]:.0f} | "
+                  f"{best[reduced]['first_batch_s']:.2f} |", flush=True)
         print(f"| {px} | ratio on/off | {rates[True] / rates[False]:.2f}x | |")
 
 
