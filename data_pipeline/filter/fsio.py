@@ -92,3 +92,14 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     yield key, parts
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ValueError(f"{url}: unreadable tar ({type(e).__name__}: {e})") from e
+
+
+def remove_temporaries(dir_url: str) -> int:
+    """Delete ``.tmp-*`` files a killed writer left in ``dir_url``; returns how many."""
+    fs, path = fsspec.core.url_to_fs(dir_url)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(".tmp-")]
+    for p in stale:
+        fs.rm(p)
+    return len(stale)

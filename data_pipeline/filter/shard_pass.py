@@ -139,7 +139,11 @@ def filter_shard(tar: str, work_dir: str, cfg: FilterConfig, position: int | Non
     fingerprint = pass1_fingerprint(cfg, entries)
     out = per_shard_path(work_dir, tar)
     if not force and fsio.exists(out):
-        if fsio.read_parquet_metadata(out).get(FINGERPRINT_KEY, b"").decode() == fingerprint:
+        try:
+            done = fsio.read_parquet_metadata(out).get(FINGERPRINT_KEY, b"").decode() == fingerprint
+        except Exception:  # unreadable (e.g. copied in half by hand): recompute it
+            done = False
+        if done:
             return out
     matcher = EntryMatcher(entries) if cfg.balance.enabled else None
     scorer = ClipScorer.from_config(cfg.clip_score) if cfg.clip_score.enabled else None

@@ -57,4 +57,6 @@ def filter_stage(input_tars: list[str], work_dir: str, cfg: FilterConfig, proces
                     raise RuntimeError(f"filter pass 1 failed on {futures[fut]}: {e}") from e
                 bar.update(1)
     bar.close()
+    # Every task has finished: a temporary file left now is a killed run's debris.
+    fsio.remove_temporaries(fsio.join(work_dir, "per_shard"))
     return global_pass(work_dir, cfg, tars)

@@ -8,7 +8,8 @@ Slurm job array over a list of tars (one per line in tars.txt):
 
     sbatch --array=0-$(($(wc -l < tars.txt) - 1)) --wrap \
       'python -m data_pipeline.filter.worker --tar "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" tars.txt)" --work-dir work --config filter.yaml'
-    sbatch --dependency=afterok:<array job id> --wrap 'python -m data_pipeline.filter.worker --global --work-dir work --config filter.yaml'
+    sbatch --dependency=afterok:<array job id> --wrap \
+      'python -m data_pipeline.filter.worker --global --tar-list tars.txt --work-dir work --config filter.yaml'
 
 With submitit: ``executor.map_array(lambda t: filter_shard(t, work, cfg), tars)`` then
 ``global_pass(work, cfg, tars)``. The config file is YAML: either the filter settings
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--global", dest="global_", action="store_true", help="run pass 2 over all per-shard records")
     p.add_argument("--work-dir", required=True, help="filter work directory (fsspec URL)")
     p.add_argument("--config", help="YAML file with the filter settings (or a `filter:` section)")
+    p.add_argument("--tar-list", help="with --global: a file listing the input tars, one per line "
+                   "(default: every per-shard record under the work dir)")
     p.add_argument("--force", action="store_true", help="recompute even if the per-shard record is up to date")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
@@ -53,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         out = filter_shard(args.tar, args.work_dir, cfg, force=args.force)
         print(out)
     else:
-        res = global_pass(args.work_dir, cfg)
+        tars = None
+        if args.tar_list:
+            with fsspec.open(args.tar_list, "rt", encoding="utf-8") as f:
+                tars = [line.strip() for line in f if line.strip()]
+        res = global_pass(args.work_dir, cfg, tars)
         print(json.dumps({"total_in": res.total_in, "kept": len(res.kept), "counts": res.counts}, indent=2))
     return 0
 
