@@ -26,7 +26,12 @@ Rust pass using the encoding's word ids.
 The vocabulary layout is OpenAI's for both the released and trained vocabularies: the
 256 byte chars, the same with ``</w>``, one token per merge, then SOT and EOT as the last
 two ids. Saved as a plain ``tokenizer.json``; the Python cleaning above is not in that file,
-so load it with :meth:`ClipTokenizer.load`.
+so load it with :meth:`ClipTokenizer.load`. Training is not bit-reproducible across runs
+(HF's trainer breaks count ties in hash order): the saved file is the artefact to keep.
+
+Instances pickle (via the JSON) for DataLoader workers. A forked worker whose parent already
+used the Rust thread pool runs single-threaded (HF disables it, with a warning unless
+TOKENIZERS_PARALLELISM is set).
 """
 from __future__ import annotations
 

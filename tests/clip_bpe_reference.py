@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import html
 import json
+import random
 from pathlib import Path
 
 import ftfy
@@ -156,15 +157,15 @@ _SPECIAL = [
     "cafÃ©", "â€™s", "schÃ¶n", "\u200b", "\ufeff", "\x07", "\x1c", "\u0345", "'ſ", "e\u0301",
     "<|endoftext|>", "<|startoftext|>", "!!<|endoftext|>", "<|ENDOFTEXT|>",
 ]
-_SEPARATORS = [" "] * 12 + ["  ", "\t", "\n", " \r\n ", "\u3000", "\xa0", ", ", ". ", "-", ""]
+_SEPARATORS = [" "] * 8 + [", ", ". ", "-"]
+_HARD_SEPARATORS = ["  ", "\t", "\n", " \r\n ", "\u3000", "\xa0", ""]
 
 
-def random_captions(n: int, seed: int = 0) -> list[str]:
-    """``n`` reproducible captions: common words, pseudo-words (so BPE caches miss), and
-    ~1 in 6 tokens drawn from hard cases (contractions, digits, entities, scripts, emoji,
-    mojibake, control chars, special-token strings); ~1% are far longer than 77 tokens."""
-    import random
-
+def random_captions(n: int, seed: int = 0, hard_fraction: float = 0.17) -> list[str]:
+    """``n`` reproducible captions: common words, pseudo-words (so BPE caches miss), and a
+    ``hard_fraction`` of the words drawn from hard cases (contractions, digits, entities,
+    scripts, emoji, mojibake, control chars, special-token strings); ~1% are far longer
+    than 77 tokens. Separators are mostly single spaces, sometimes other whitespace."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -172,14 +173,14 @@ def random_captions(n: int, seed: int = 0) -> list[str]:
         parts = []
         for _ in range(n_words):
             r = rng.random()
-            if r < 0.55:
-                w = rng.choice(_WORDS)
-            elif r < 0.83:
+            if r < hard_fraction:
+                w = rng.choice(_SPECIAL)
+            elif r < hard_fraction + (1 - hard_fraction) / 3:
                 w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
             else:
-                w = rng.choice(_SPECIAL)
+                w = rng.choice(_WORDS)
             case = rng.random()
             w = w.upper() if case < 0.05 else w.capitalize() if case < 0.2 else w
-            parts.append(w + rng.choice(_SEPARATORS))
+            parts.append(w + rng.choice(_HARD_SEPARATORS if rng.random() < hard_fraction else _SEPARATORS))
         out.append("".join(parts))
     return out
