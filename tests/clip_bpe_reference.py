@@ -6,7 +6,7 @@ pattern, byte-to-unicode mapping, greedy lowest-rank BPE merges with a ``</w>`` 
 without sharing any code with :mod:`pretrain.tokenizer`, so that agreement between the two
 is evidence that the fast Rust path is exact. Never used at training time (it is slow).
 
-    from tests.clip_bpe_reference import ReferenceClipTokenizer
+    from clip_bpe_reference import ReferenceClipTokenizer   # with tests/ on sys.path
     ref = ReferenceClipTokenizer.from_vocab_file(path)
     ref.encode("hello world")       # [3306, 1002]
     ref.tokenize(["a cat"], 77)     # list of 77-id rows with SOT/EOT and zero padding
