@@ -6,9 +6,11 @@ rank, stream) only, so:
 
 - every rank yields exactly ``steps - start_step`` batches, whatever the shard sizes;
 - ``start_step=k`` reproduces batches k..steps-1 of an uninterrupted run bit-for-bit (with the
-  same num_workers): each worker fast-forwards its stream through the raw samples (tar read
-  and shuffle buffer only, no decoding) and starts there;
-- DataLoader worker w serves stream (k + w) % W, so its round-robin order is k, k+1, ...
+  same num_workers): each worker fast-forwards its stream through the raw samples (shuffle
+  buffer only, no decoding; local tars by their headers alone) and starts there;
+- DataLoader worker w serves stream (k + w) % W, so its round-robin order is k, k+1, ...;
+- splitting by rank and worker is explicit (pretrain/data/stream.py), not webdataset's
+  node/worker splitters, so no rank or worker can end up without data.
 
 A sample that fails to decode is counted and replaced by a random resident of the shuffle
 buffer (which is not consumed), so the raw stream position, and with it resume, is unaffected;
@@ -22,7 +24,6 @@ a sample repeated within one batch (resampling) is replaced the same way, withou
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,6 @@ from .stream import (ReadMode, ShuffleBuffer, SkipCounter, epoch_shards, read_sa
 from .tar_reader import load_bytes
 from .transforms import sample_rng, train_transform
 
-log = logging.getLogger(__name__)
 
 _REPLACE_TRIES = 16
 
