@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import math
 
-import numpy as np
 import pytest
 
 from data_pipeline.filter import FilterConfig, filter_stage

@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+import pretrain.models as models
+import pretrain.tokenizer as tokenizer_mod
 from data_pipeline.filter import FilterConfig, filter_stage
 from test_filter_support import distinct_indices, encode, real_caption, real_image, sample, write_tar
-
-models = pytest.importorskip("pretrain.models")
-tokenizer_mod = pytest.importorskip("pretrain.tokenizer")
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 STD = np.array([0.26862954, 0.26130258, 0.27577711])
@@ -69,7 +68,7 @@ def test_clip_score_matches_independent_cosine_and_threshold(tmp_path):
 
 
 def test_run_dir_checkpoint_goes_through_load_model_from_run(tmp_path, monkeypatch):
-    ckpt = pytest.importorskip("pretrain.train.checkpoint")
+    import pretrain.train.checkpoint as ckpt
     from data_pipeline.filter.clip_score import load_checkpoint_model
 
     model = models.create_model("ViT-tiny", image_size=32)
@@ -85,3 +84,22 @@ def test_run_dir_checkpoint_goes_through_load_model_from_run(tmp_path, monkeypat
     assert not model.training
     with pytest.raises(FileNotFoundError, match="no such"):
         load_checkpoint_model(str(tmp_path / "nothing.pt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_clip_score_on_cuda_matches_cpu(tmp_path):
+    from data_pipeline.filter.clip_score import ClipScorer
+    from data_pipeline.filter.config import ClipScoreConfig
+
+    torch.manual_seed(0)
+    model = models.create_model("ViT-tiny", image_size=32).eval()
+    ckpt = tmp_path / "tiny_openai.pt"
+    torch.save(models.to_openai_state_dict(model), ckpt)
+    d = distinct_indices(6)
+    imgs = [Image.open(io.BytesIO(encode(real_image(d[i])))).convert("RGB") for i in range(6)]
+    caps = [real_caption(d[i]) for i in range(6)]
+    cpu = ClipScorer.from_config(ClipScoreConfig(enabled=True, checkpoint=str(ckpt), device="cpu", batch_size=4))
+    gpu = ClipScorer.from_config(ClipScoreConfig(enabled=True, checkpoint=str(ckpt), device="auto", batch_size=4))
+    assert gpu.device == "cuda"
+    np.testing.assert_allclose(gpu.score(imgs, caps), cpu.score(imgs, caps), atol=2e-3)  # TF32 matmuls

@@ -8,6 +8,7 @@ the global pass.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
@@ -25,6 +26,12 @@ def _check_names(input_tars: list[str]) -> None:
         if stem in seen and seen[stem] != t:
             raise ValueError(f"input tars {seen[stem]!r} and {t!r} share the name {stem!r}: their per-shard records would collide")
         seen[stem] = t
+
+
+def _init_worker(threads: int) -> None:
+    # Before torch (CLIP score) is imported: N workers x all cores each would oversubscribe.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
 
 
 def filter_stage(input_tars: list[str], work_dir: str, cfg: FilterConfig, processes: int = 1) -> FilterResult:
@@ -46,7 +53,10 @@ def filter_stage(input_tars: list[str], work_dir: str, cfg: FilterConfig, proces
     else:
         # spawn: safe with threads (torch, img2dataset) and identical on every OS.
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(processes, len(tars)), mp_context=ctx) as ex:
+        workers = min(processes, len(tars))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads,)) as ex:
             futures = {ex.submit(filter_shard, t, work_dir, cfg, i % processes + 1): t for i, t in enumerate(tars)}
             for fut in as_completed(futures):
                 try:
