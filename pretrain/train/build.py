@@ -1,0 +1,40 @@
+"""Build the model, optimizer and DeepSpeed engine of a run.
+
+    engine, ds_config = build_engine(cfg, world_size)
+
+Every rank builds the model from the same seed: ZeRO-3 partitions each rank's own copy, so
+the copies must be identical (ZeRO 0-2 also broadcast rank 0's weights).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import deepspeed
+import torch
+
+from pretrain.config import RunConfig
+from pretrain.models import create_model
+from pretrain.train.ds_config import build_ds_config, guards_nonfinite_in_optimizer, uses_cpu_adam
+from pretrain.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg.model.name, **cfg.model.overrides)
+    # Non-reentrant checkpointing on both towers (reentrant drops the gradient of a tower
+    # whose input does not require grad: CLIP.md section 7).
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
+
+
+def build_engine(cfg: RunConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
+    """`(engine, ds_config)`: the DeepSpeed engine around a fresh model and AdamW."""
+    ds_config = build_ds_config(cfg, world_size)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg, cpu_adam=uses_cpu_adam(cfg), guard=guards_nonfinite_in_optimizer(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ds_config

@@ -1,0 +1,189 @@
+"""Checkpoints of a run dir: complete-only tags, auto-resume, retention, consolidated weights.
+
+Layout: `<run>/checkpoints/step_00001000/` holds DeepSpeed's `engine.save_checkpoint` files,
+one `rng_rank00000.pt` per rank (python/numpy/torch/cuda RNG states), and `COMPLETE`.
+A tag counts only when `COMPLETE` exists and every file it lists still has the recorded
+size: rank 0 writes it after a barrier that follows every rank's writes, so a save cut
+mid-write (killed job, full disk, truncated copy) is never resumed from. `latest` (the file
+DeepSpeed's own tools read) is updated only after `COMPLETE`.
+
+    load_model_from_run("runs/a")                  # newest complete tag, fp32, any ZeRO stage
+    load_model_from_run("runs/a", tag="step_00000400", device="cuda")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.train.distributed import barrier, broadcast_object
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+MARKER = "COMPLETE"
+_TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _files_of(tag_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def read_marker(tag_dir: Path) -> dict[str, Any] | None:
+    """The COMPLETE record of a tag, or None when the tag is incomplete or damaged."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for name, size in record.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file() or path.stat().st_size != size:
+            log.warning("checkpoint %s: %s is missing or has the wrong size; the tag is not used", tag_dir.name, name)
+            return None
+    return record
+
+
+def complete_tags(run_dir: str | Path) -> list[str]:
+    """Complete tags of a run dir, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    tags = sorted((int(m.group(1)), p.name) for p in root.iterdir()
+                  if p.is_dir() and (m := _TAG_RE.match(p.name)))
+    return [name for _, name in tags if read_marker(root / name) is not None]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> str:
+    """Collective: save tag `step_<step>` on every rank, mark it complete, prune old tags."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    tag = tag_for(step)
+    tag_dir = root / tag
+    done = broadcast_object(read_marker(tag_dir) is not None if _rank() == 0 else None)
+    if done:  # e.g. a preemption right after the periodic save of the same step
+        return tag
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # leftovers of an interrupted save of this step
+            shutil.rmtree(tag_dir)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), tag_dir / f"rng_rank{_rank():05d}.pt")
+    barrier()  # every rank's files are written
+    if _rank() == 0:
+        record = {"step": step, "zero_stage": engine.zero_optimization_stage(),
+                  "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                  "files": _files_of(tag_dir)}
+        tmp = tag_dir / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        tmp.replace(tag_dir / MARKER)
+        latest_tmp = root / "latest.tmp"
+        latest_tmp.write_text(tag, encoding="utf-8")
+        latest_tmp.replace(root / "latest")
+        _prune(root, keep_last)
+    barrier()
+    log.info("checkpoint %s saved", tag_dir)
+    return tag
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete tags; drop older ones and stale incomplete ones."""
+    tags = complete_tags(root.parent)
+    keep = set(tags[-keep_last:])
+    newest = int(_TAG_RE.match(tags[-1]).group(1)) if tags else -1
+    for p in root.iterdir():
+        m = _TAG_RE.match(p.name)
+        if not (p.is_dir() and m) or p.name in keep:
+            continue
+        if p.name in tags or int(m.group(1)) < newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resume(engine, run_dir: str | Path) -> dict[str, Any] | None:
+    """Collective: load the newest complete tag into `engine` and this rank's RNG states.
+    Returns the client state saved with it, or None when there is nothing to resume."""
+    tags = complete_tags(run_dir) if _rank() == 0 else None
+    tag = broadcast_object(tags[-1] if tags else None)
+    if tag is None:
+        return None
+    root = Path(run_dir) / CHECKPOINT_DIR
+    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    rng_file = root / tag / f"rng_rank{_rank():05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:  # a resume at a larger world size: no saved RNG state for this rank
+        log.warning("no RNG state for rank %d in %s; keeping the fresh seed", _rank(), tag)
+    log.info("resumed from %s", root / tag)
+    return dict(client_state or {}, tag=tag)
+
+
+def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """fp32 module state dict of a complete tag (newest when None), whatever the ZeRO stage."""
+    run_dir = Path(run_dir)
+    tags = complete_tags(run_dir)
+    if tag is None:
+        if not tags:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINT_DIR}/")
+        tag = tags[-1]
+    elif tag not in tags:
+        raise FileNotFoundError(f"checkpoint {tag} of {run_dir} is missing or incomplete; complete: {tags}")
+    root = run_dir / CHECKPOINT_DIR
+    record = read_marker(root / tag) or {}
+    if record.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:  # ZeRO-0 has no shards: the module is stored whole
+        sd = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_model_from_run(run_dir: str | Path, tag: str | None = None, device: str | torch.device = "cpu"):
+    """The run's model (`run_config.yaml`: model.name + model.overrides) with consolidated
+    fp32 weights from a complete checkpoint."""
+    import yaml
+
+    from pretrain.models import create_model
+
+    cfg = yaml.safe_load((Path(run_dir) / "run_config.yaml").read_text(encoding="utf-8"))
+    model = create_model(cfg["model"]["name"], **(cfg["model"].get("overrides") or {}))
+    model.load_state_dict(consolidated_state_dict(run_dir, tag))
+    return model.to(device).eval()

@@ -1,0 +1,121 @@
+"""Process setup and teardown for every launcher: `deepspeed`, `torchrun`, one `srun` task
+per device, or a plain single process.
+
+- rank / local rank / world size come from RANK/LOCAL_RANK/WORLD_SIZE (deepspeed, torchrun)
+  or SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS (srun; MASTER_ADDR/MASTER_PORT must be set
+  by the job script); with neither, a single process on a free local port;
+- NCCL on CUDA, gloo on CPU, chosen at run time;
+- `finish(code)` ends a worker with barrier + destroy_process_group + an immediate
+  `os._exit`: letting the interpreter tear down a live gloo group aborts the process now and
+  then ("terminate called without an active exception", MACHINE.md), which the launcher
+  reports as a failed rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str  # "env" (deepspeed/torchrun), "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def detect_env(local_rank_arg: int | None = None) -> DistEnv:
+    """Read the launch layout from the environment and export the env:// variables
+    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) that init_distributed reads."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+        out = DistEnv(int(env["RANK"]), local, int(env["WORLD_SIZE"]), "env")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise RuntimeError(f"srun launch: {missing} not set; export MASTER_ADDR (first host of "
+                               "`scontrol show hostnames $SLURM_JOB_NODELIST`) and a MASTER_PORT in the job script")
+        out = DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "slurm")
+    else:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+        out = DistEnv(0, 0, 1, "single")
+    env.update(RANK=str(out.rank), LOCAL_RANK=str(out.local_rank), WORLD_SIZE=str(out.world_size))
+    return out
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO to stdout, the others WARNING; DeepSpeed's own chatter is quieted."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
+                        format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def init(env: DistEnv, timeout_s: int) -> torch.device:
+    """Start the process group (NCCL on CUDA, gloo otherwise); return this rank's device."""
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        backend, device = "nccl", torch.device("cuda", env.local_rank)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
+        raise RuntimeError(f"process group has rank {dist.get_rank()}/{dist.get_world_size()}, "
+                           f"launch env says {env.rank}/{env.world_size}")
+    log.info("process group: %s, world size %d, device %s (launcher: %s)", backend, env.world_size, device,
+             env.launcher)
+    return device
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """`obj` of rank `src` on every rank (no-op outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def finish(code: int, *, synchronize: bool = True) -> NoReturn:
+    """End this worker now. `synchronize=False` skips the barrier (use it when the other
+    ranks may not reach it, e.g. after an unexpected exception on this rank only)."""
+    try:
+        if synchronize and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,171 @@
+"""The training loop: `fit(cfg, env, device)` from a fresh or resumed run dir to the end.
+
+Per optimizer step: preemption check (all ranks agree) -> `grad_accum` micro-batches from
+the loader -> LR for this step -> `train_step` -> logit-scale clamp -> counters -> metrics
+(every `logging.every_steps`) -> non-finite stop check -> checkpoint (every
+`checkpoint.every_steps` and at the end) -> evaluation (every `eval.every_steps` and at
+the end). Returns the process exit code; raises `NonFiniteError` after saving a checkpoint
+when `train.max_consecutive_nonfinite` steps in a row were skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.config import RunConfig, flatten
+from pretrain.data import DataSource, make_train_loader
+from pretrain.loss import get_loss
+from pretrain.tokenizer import default_tokenizer
+from pretrain.train import checkpoint as ckpt
+from pretrain.train.build import build_engine
+from pretrain.train.distributed import DistEnv, barrier
+from pretrain.train.evaluation import PeriodicEval
+from pretrain.train.logit_scale import clamp_logit_scale
+from pretrain.train.meter import WindowMeter
+from pretrain.train.optim import lr_at, set_lr
+from pretrain.train.preempt import PreemptionFlag
+from pretrain.train.run_dir import write_run_files
+from pretrain.train.state import TrainState
+from pretrain.train.step import train_step
+from pretrain.train.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    random.seed(seed * 1000 + rank)
+    np.random.seed((seed * 1000 + rank) % 2**32)
+    torch.manual_seed(seed * 1000 + rank)
+
+
+def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
+    run_dir = Path(cfg.output_dir)
+    preempt = PreemptionFlag()  # installed first: a signal during start-up is not lost
+    engine, ds_config = build_engine(cfg, env.world_size)
+    if env.is_main:
+        write_run_files(run_dir, cfg, ds_config)
+    barrier()
+    accum = cfg.grad_accum(env.world_size)
+    _seed_rank(cfg.train.seed, env.rank)
+    state = TrainState(world_size=env.world_size, grad_accum=accum, data_workers=cfg.data.workers)
+    resumed = ckpt.resume(engine, run_dir) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        state = TrainState.from_client_state(resumed, env.world_size, accum, cfg.data.workers)
+    tracker = Tracker(env.is_main and cfg.logging.mlflow, run_dir, cfg.logging.tracking_uri,
+                      cfg.logging.experiment, cfg.logging.run_name)
+    state.mlflow_run_id = tracker.start(flatten(cfg), state.mlflow_run_id) or state.mlflow_run_id
+    if env.is_main:
+        tracker.log_artifact(run_dir / "run_config.yaml")
+        tracker.log_artifact(run_dir / "ds_config.json")
+    try:
+        code, status = _loop(cfg, env, device, engine, state, tracker, preempt, run_dir, accum)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close(status)
+    return code
+
+
+def _loop(cfg: RunConfig, env: DistEnv, device: torch.device, engine, state: TrainState, tracker: Tracker,
+          preempt: PreemptionFlag, run_dir: Path, accum: int) -> tuple[int, str]:
+    t = cfg.train
+    total, per_epoch = cfg.total_steps(), cfg.steps_per_epoch()
+    tokenizer = default_tokenizer()
+    loss_fn = get_loss(t.loss, **t.loss_options)
+    evaluator = PeriodicEval(cfg, tokenizer, run_dir, env.rank)
+    sources = [DataSource(s.url, s.weight) for s in cfg.data.sources]
+    module = engine.module
+    meter = WindowMeter()
+    metrics_file = run_dir / "metrics.jsonl"
+
+    def save() -> None:
+        ckpt.save(engine, run_dir, state.step, state.client_state(), cfg.checkpoint.keep_last)
+
+    log.info("training steps %d..%d of %d (%d per epoch, grad accumulation %d, world size %d)",
+             state.step + 1, total, total, per_epoch, accum, env.world_size)
+    while state.step < total:
+        loader = make_train_loader(
+            sources, tokenizer=tokenizer, image_size=module.image_size, micro_batch=t.micro_batch,
+            num_workers=cfg.data.workers, seed=t.seed, epoch=state.epoch, rank=env.rank,
+            world_size=env.world_size, steps=per_epoch * accum, start_step=state.step_in_epoch * accum,
+            resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+            crop_scale=tuple(cfg.data.crop_scale), context_length=module.context_length)
+        batches = iter(loader)
+        while state.step_in_epoch < per_epoch and state.step < total:
+            if preempt.requested(device):
+                save()
+                log.warning("preempted: checkpoint saved at step %d", state.step)
+                return 0, "KILLED"
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(accum)]
+            data_s = time.perf_counter() - t0
+            lr = lr_at(state.step, cfg, total)
+            set_lr(engine.optimizer, lr)
+            inject = env.rank == 0 and (state.step + 1) in t.debug_nan_at_steps
+            out = train_step(engine, micro, loss_fn, inject_nan=inject)
+            if out.applied:
+                clamp_logit_scale(module.logit_scale, t.max_logit_log_scale)
+            state.step += 1
+            state.step_in_epoch += 1
+            state.skipped_samples += out.skipped_samples
+            # fp16's loss scaler skips overflowing steps by design; only a non-finite loss
+            # counts there. In bf16/fp32 any skipped update is a non-finite step.
+            bad = out.loss_nonfinite or (not out.applied and t.precision != "fp16")
+            if bad:
+                state.nonfinite_steps += 1
+                state.consecutive_nonfinite += 1
+                log.warning("step %d: non-finite %s; update skipped (%d in a row)", state.step,
+                            "loss" if out.loss_nonfinite else "gradient", state.consecutive_nonfinite)
+            else:
+                state.consecutive_nonfinite = 0
+                state.overflow_steps += int(not out.applied)
+            meter.add(t.global_batch, data_s, out.loss)
+            if state.step % cfg.logging.every_steps == 0 or state.step == total:
+                metrics = meter.flush()
+                metrics.update(lr=lr, logit_scale=out.logit_scale, grad_norm=out.grad_norm,
+                               skipped_samples=state.skipped_samples, nonfinite_steps=state.nonfinite_steps,
+                               overflow_steps=state.overflow_steps, epoch=state.epoch)
+                tracker.log_metrics(metrics, state.step)
+                if env.is_main:
+                    with metrics_file.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": state.step, **metrics}) + "\n")
+                    log.info("step %d/%d loss %.4f lr %.3g scale %.2f grad_norm %s %.1f samples/s data %.0f%% "
+                             "skipped %d", state.step, total, metrics["loss"], lr, out.logit_scale,
+                             f"{out.grad_norm:.3g}" if out.grad_norm is not None else "-",
+                             metrics["samples_per_s"], 100 * metrics["data_wait_frac"], state.skipped_samples)
+            if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+                save()  # skipped steps changed no weights: this is the last good state
+                raise NonFiniteError(
+                    f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
+                    f"(train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopped at step "
+                    f"{state.step}, checkpoint {ckpt.tag_for(state.step)} holds the last good weights")
+            every = cfg.checkpoint.every_steps
+            if (every > 0 and state.step % every == 0) or state.step == total:
+                save()
+            if evaluator.due(state.step, total):
+                results = evaluator.run(engine, state.step)
+                tracker.log_metrics(results, state.step)
+                if env.is_main:
+                    tracker.log_artifact(evaluator.result_path(state.step), "eval")
+            if t.debug_kill_at_step and state.step == t.debug_kill_at_step:
+                log.warning("debug_kill_at_step: killing rank %d at step %d", env.rank, state.step)
+                os.kill(os.getpid(), signal.SIGKILL)
+        if state.step_in_epoch >= per_epoch:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        del batches, loader
+    log.info("training finished at step %d", state.step)
+    return 0, "FINISHED"

@@ -1,0 +1,98 @@
+"""One optimizer step of CLIP training on a DeepSpeed engine: a function tests can call.
+
+`train_step(engine, micro_batches, loss_fn)` runs forward + backward for each of the
+step's `gradient_accumulation_steps` micro-batches and lets the engine step at the
+boundary. Non-finite values are handled the same way at every ZeRO stage and precision:
+
+- before each backward the "loss is finite" flag is all-reduced (MAX of "bad"), so every
+  rank knows when any rank's loss is NaN/Inf; then every rank backpropagates a NaN-scaled
+  loss, which makes all gradients NaN on all ranks;
+- DeepSpeed's ZeRO-1/2/3 optimizers (all precisions) skip a step whose global gradient norm
+  is not finite, and `SkipNonFiniteAdamW` does it for ZeRO-0 fp32; a gradient that turns
+  non-finite with a finite loss is caught by the same check;
+- `engine.was_step_applied()` then tells the caller whether the update happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class StepOutput:
+    loss: float  # mean finite micro-batch loss over ranks and micro-batches (nan when none)
+    loss_nonfinite: bool  # some rank's loss was NaN/Inf in this step (all ranks agree)
+    applied: bool  # the optimizer update happened
+    grad_norm: float | None  # global gradient norm before clipping (inf/nan when skipped)
+    logit_scale: float  # exp(t) used by the last micro-batch's forward
+    skipped_samples: int  # bad samples the loaders of all ranks skipped for this step
+
+
+def compute_dtype(engine) -> torch.dtype:
+    """The dtype DeepSpeed keeps the module in (inputs are cast to it)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., torch.Tensor], *,
+               inject_nan: bool = False) -> StepOutput:
+    """Forward/backward every micro-batch of one optimizer step, then the engine's update.
+
+    `micro_batches`: dicts with "images" [b,3,S,S] float, "tokens" [b,ctx] long and
+    optionally "skipped" (bad samples replaced in that batch). `inject_nan` makes this
+    rank's first micro-batch loss NaN (the trainer's test hook).
+    """
+    accum = engine.gradient_accumulation_steps()
+    if len(micro_batches) != accum:
+        raise ValueError(f"train_step got {len(micro_batches)} micro-batches; the engine accumulates {accum}")
+    device, dtype = engine.device, compute_dtype(engine)
+    finite_sum, finite_n, any_bad, scale_value = 0.0, 0, False, float("nan")
+    skipped = 0
+    for i, batch in enumerate(micro_batches):
+        images = batch["images"].to(device, dtype=dtype, non_blocking=True)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        skipped += int(batch.get("skipped", 0))
+        image_features, text_features, logit_scale = engine(images, tokens)
+        # The loss (softmax over the global batch) is computed in fp32 whatever the precision.
+        loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+        if inject_nan and i == 0:
+            loss = loss * float("nan")
+        bad = _any_rank(not bool(torch.isfinite(loss.detach()).item()), device)
+        if bad:
+            # Make every rank's gradients NaN so that every optimizer skips this step alike.
+            loss = loss * float("nan")
+            any_bad = True
+        else:
+            finite_sum += float(loss.detach())
+            finite_n += 1
+        scale_value = float(logit_scale.detach().float())
+        engine.backward(loss)
+        engine.step()
+    applied = bool(engine.was_step_applied())
+    norm = engine.get_global_grad_norm()
+    grad_norm = float(norm) if norm is not None else None
+    total, n, skipped_all = _sum_over_ranks([finite_sum, float(finite_n), float(skipped)], device)
+    return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=any_bad, applied=applied,
+                      grad_norm=grad_norm, logit_scale=scale_value, skipped_samples=int(skipped_all))
