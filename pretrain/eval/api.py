@@ -50,6 +50,7 @@ def build_zeroshot_classifier(
     device: torch.device | str | None = None,
     batch_size: int = 256,
     dataset_name: str | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Class embeddings W [C, D]: per class, every template filled with the name, each text
     embedding L2-normalised, averaged over templates, renormalised (embedding-space ensembling)."""
@@ -58,7 +59,7 @@ def build_zeroshot_classifier(
         raise ValueError("no class names")
     texts = [t.replace("{}", c) for c in classnames for t in temps]  # class-major order
     with eval_mode(model):
-        emb = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size)
+        emb = encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size, progress=progress)
     emb = emb.view(len(classnames), len(temps), -1).mean(dim=1)
     return F.normalize(emb, dim=-1)
 

@@ -46,6 +46,15 @@ def load_state_dict_file(path: Path) -> dict:
             raise ValueError(f"{path}: neither a state dict ({first}) nor a TorchScript archive ({second})") from second
 
 
+def _newest_complete_tag(run_dir: Path) -> str | None:
+    try:
+        from pretrain.train.checkpoint import complete_tags
+    except ImportError:
+        return None
+    tags = complete_tags(run_dir)
+    return tags[-1] if tags else None
+
+
 def load_checkpoint(
     spec: str | os.PathLike, *, device: str | torch.device = "cpu", tag: str | None = None,
     image_size: int | None = None, act: str | None = None,
@@ -58,8 +67,10 @@ def load_checkpoint(
             from pretrain.train.checkpoint import load_model_from_run
         except ImportError as e:
             raise RuntimeError(f"{path} is a training run dir, but pretrain.train.checkpoint is unavailable: {e}") from e
+        tag = tag or _newest_complete_tag(path)  # resolved here so the fingerprint names it
         model = load_model_from_run(str(path), tag=tag, device=str(device))
-        files = [p for p in (path / "checkpoints").rglob("*") if p.is_file()] if (path / "checkpoints").is_dir() else []
+        tag_dir = path / "checkpoints" / tag if tag else path / "checkpoints"
+        files = [p for p in tag_dir.rglob("*") if p.is_file()] if tag_dir.is_dir() else []
         fp = _files_fingerprint(files + [p for p in [path / "run_config.yaml"] if p.is_file()], extra=("run", tag))
     elif path.is_file():
         from pretrain.models import from_openai_state_dict

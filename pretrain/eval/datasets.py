@@ -87,7 +87,7 @@ def _decode(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: fields hold arrays
 class EvalDataset(torch.utils.data.Dataset):
     """Images plus either class labels or captions. ``fingerprint`` keys the feature cache."""
 

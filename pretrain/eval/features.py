@@ -91,13 +91,15 @@ def encode_texts(
     *,
     device: torch.device | str | None = None,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> torch.Tensor:
     """L2-normalised float32 text features [len(texts), D] on ``device``."""
     device = torch.device(device) if device is not None else model_device(model)
     ctx = getattr(model, "context_length", 77)
     out = []
+    starts = range(0, len(texts), batch_size)
     with torch.no_grad(), autocast_for(device):
-        for start in range(0, len(texts), batch_size):
+        for start in tqdm(starts, desc="text features", disable=not progress or len(starts) < 2, unit="batch"):
             tokens = tokenizer(list(texts[start:start + batch_size]), context_length=ctx)
             out.append(F.normalize(model.encode_text(tokens.to(device)).float(), dim=-1))
     return torch.cat(out)

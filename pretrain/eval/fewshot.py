@@ -62,7 +62,8 @@ def zeroshot_worth(rows: list[dict], zeroshot_top1: float) -> str:
     """Plain-language reading: the smallest k whose mean probe accuracy reaches zero-shot."""
     for r in rows:
         if r["top1_mean"] >= zeroshot_top1:
-            return f"zero-shot ({zeroshot_top1:.4f}) is matched or beaten by the {r['k']}-shot probe ({r['top1_mean']:.4f})"
+            return (f"the {r['k']}-shot probe ({r['top1_mean']:.4f}) is the first to match or beat "
+                    f"zero-shot ({zeroshot_top1:.4f})")
     return f"zero-shot ({zeroshot_top1:.4f}) beats every few-shot probe up to {rows[-1]['k']} shots"
 
 

@@ -48,11 +48,16 @@ def log_to_mlflow(
     artifacts: Iterable[Path] = (), artifact_dir: str = "eval", step: int | None = None,
 ) -> None:
     """Log into an existing run (metrics, then files under ``artifact_dir``)."""
+    import time
+
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
     client = MlflowClient(tracking_uri=tracking_uri)
     client.get_run(run_id)  # fail early and clearly on a wrong run id
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value, step=step or 0)
+    now = int(time.time() * 1000)
+    items = [Metric(key, value, now, step or 0) for key, value in metrics.items()]
+    for start in range(0, len(items), 1000):  # one request per 1000 metrics (MLflow's batch limit)
+        client.log_batch(run_id, metrics=items[start:start + 1000])
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path=artifact_dir)

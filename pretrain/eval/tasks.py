@@ -56,7 +56,8 @@ class EvalContext:
 
     def classifier(self, ds: EvalDataset, templates: str | Sequence[str]) -> torch.Tensor:
         return build_zeroshot_classifier(self.model, self.tokenizer, ds.classnames, templates,
-                                         device=self.device, batch_size=self.batch_size, dataset_name=ds.name)
+                                         device=self.device, batch_size=self.batch_size, dataset_name=ds.name,
+                                         progress=self.progress)
 
 
 def _labelled(ds: EvalDataset, what: str) -> None:
