@@ -1,0 +1,215 @@
+"""Loss side by side: ours (`get_loss("clip_tiled")`) against open_clip's
+`ClipLoss(local_loss=True, gather_with_grad=True)`: time and peak memory of forward +
+backward of ONE rank's share at global batch B, for simulated world sizes W.
+
+    .venv-bench/bin/python benchmarks/bench_vs_openclip_loss.py              # full: B=32768
+    .venv-bench/bin/python benchmarks/bench_vs_openclip_loss.py --batch 8192 # CPU-sized
+        [--dims 512 1024] [--world-sizes 1 2 4 8 16 32 64] [--repeats 1] [--warmup 1]
+        [--max-gib 8] [--threads 2] [--device cpu|cuda]
+
+Simulated world size W: one process computes what rank 0 of W computes, b = B / W local
+rows against the B gathered rows. Both losses are called through their public entry
+points; the all-gather of each is monkeypatched IN THIS SCRIPT ONLY to return the same
+pre-made gathered features (leaves with requires_grad, standing in for the autograd
+all-gather's output), and ours is told the world size the same way (`world_info`):
+  - open_clip: `open_clip.loss.gather_features` -> (all_image, all_text); the loss is built
+    with rank=0, world_size=W, so it takes its local-loss branch and offsets its labels;
+  - ours: `pretrain.loss.tiled.gather_pair` -> (all_image, all_text, offset 0) and
+    `pretrain.loss.tiled.world_info` -> (0, W).
+At W = 1 the gather is a no-op on both sides (gathered = local). Before timing, both are
+checked to give the same loss and gradients on a small case (so they are fed equivalently).
+
+Memory: bytes above the level before the inputs were made, so it includes the local and
+gathered features and their gradients, at their peak during the step: CUDA
+`max_memory_allocated`; CPU the peak resident set (VmHWM, reset after the inputs are made)
+of a fresh child process per configuration (see benchmarks/README.md). The "floor" column
+is what any all-gather design pays: gathered features + their gradients, 2 x B x d x 4 bytes
+x 2 towers (fp32). Target (issue 8): ours <= 1/4 of open_clip's peak for W <= 8 at <= 1.1x
+its time. open_clip rows whose estimated peak exceeds --max-gib are skipped and marked.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from _common import MIB, PeakMemory, machine_line, md_table, require_open_clip, run_child  # noqa: E402
+
+IMPLS = ("open_clip", "ours")
+
+
+def floor_bytes(total: int, d: int) -> int:
+    """Gathered image + text features and their gradients, fp32: 2 x B x d x 4 x 2."""
+    return 2 * total * d * 4 * 2
+
+
+def open_clip_estimate(b: int, total: int, d: int) -> int:
+    """Rough open_clip peak: the floor plus two b x B logit matrices, their log-softmax and
+    their gradients (about 6 b x B fp32 buffers at once)."""
+    return floor_bytes(total, d) + 6 * b * total * 4
+
+
+def make_loss(impl: str, world: int, all_image: torch.Tensor, all_text: torch.Tensor,
+              block_size: int | None) -> Any:
+    """The loss callable of `impl` with its all-gather patched to return the given tensors."""
+    if impl == "open_clip":
+        import open_clip.loss as ocl  # noqa: PLC0415
+
+        ocl.gather_features = lambda *a, **k: (all_image, all_text)  # the simulated all-gather
+        return ocl.ClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=world)
+    import pretrain.loss.tiled as tiled  # noqa: PLC0415
+    from pretrain.loss import get_loss  # noqa: PLC0415
+
+    tiled.gather_pair = lambda img, txt: (all_image, all_text, 0)  # rank 0: offset 0
+    tiled.world_info = lambda: (0, world)
+    return get_loss("clip_tiled", block_size=block_size) if block_size else get_loss("clip_tiled")
+
+
+def unit_rows(n: int, d: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    x = torch.randn(n, d, generator=gen)
+    return (x / x.norm(dim=1, keepdim=True)).to(device).requires_grad_()
+
+
+def make_inputs(total: int, d: int, world: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(image, text, all_image, all_text, scale): rank 0's rows and the gathered batch.
+    At W = 1 the gathered tensors ARE the local ones (the gather is a no-op)."""
+    gen = torch.Generator().manual_seed(0)
+    b = total // world
+    img, txt = unit_rows(b, d, gen, device), unit_rows(b, d, gen, device)
+    if world == 1:
+        all_img, all_txt = img, txt
+    else:
+        all_img, all_txt = unit_rows(total, d, gen, device), unit_rows(total, d, gen, device)
+        with torch.no_grad():  # rank 0's rows are the first b of the gathered batch
+            all_img[:b].copy_(img)
+            all_txt[:b].copy_(txt)
+    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)  # exp()'d logit scale
+    return img, txt, all_img, all_txt, scale
+
+
+def measure(impl: str, total: int, d: int, world: int, repeats: int, warmup: int,
+            block_size: int | None, device: str) -> dict[str, Any]:
+    """Median time and peak memory of forward+backward (one rank's share)."""
+    dev = torch.device(device)
+    mem = PeakMemory(dev)
+    img, txt, all_img, all_txt, scale = make_inputs(total, d, world, dev)
+    loss_fn = make_loss(impl, world, all_img, all_txt, block_size)
+    leaves = (img, txt, all_img, all_txt, scale)
+    mem.reset_peak()
+    times = []
+    for step in range(warmup + repeats):
+        for t in leaves:
+            t.grad = None
+        start = time.perf_counter()
+        loss_fn(img, txt, scale).backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"time_s": statistics.median(times), "peak_bytes": mem.peak()}
+
+
+def check_equivalence() -> None:
+    """Both sides, fed the same simulated gather, agree in value and every gradient."""
+    results = []
+    for impl in IMPLS:
+        img, txt, all_img, all_txt, scale = make_inputs(256, 32, 4, torch.device("cpu"))
+        loss = make_loss(impl, 4, all_img, all_txt, block_size=16)(img, txt, scale)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in (img, txt, all_img, all_txt, scale)])
+    for name, a, b in zip(("loss", "d_img", "d_txt", "d_all_img", "d_all_txt", "d_scale"), *results):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
+            raise SystemExit(f"equivalence check failed on {name}: max diff {(a - b).abs().max():.3g}")
+    print("# equivalence check (B=256, d=32, W=4): loss and all gradients equal (1e-4)")
+
+
+def run_one(args: argparse.Namespace, impl: str, d: int, world: int) -> dict[str, Any]:
+    if args.device != "cpu":  # the CUDA allocator's peak is exact in-process
+        torch.cuda.empty_cache()
+        return measure(impl, args.batch, d, world, args.repeats, args.warmup, args.block_size, args.device)
+    cmd = [sys.executable, __file__, "--one", impl, str(d), str(world), "--batch", str(args.batch),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--device", "cpu"]
+    if args.block_size:
+        cmd += ["--block-size", str(args.block_size)]
+    return run_child(cmd)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32768, help="global batch B")
+    p.add_argument("--dims", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--repeats", type=int, default=1, help="timed steps per configuration (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--block-size", type=int, default=None, help="ours: columns per block (default: auto)")
+    p.add_argument("--max-gib", type=float, default=8.0, help="skip open_clip rows estimated above this")
+    p.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-check", action="store_true", help="skip the equivalence check")
+    p.add_argument("--one", nargs=3, metavar=("IMPL", "DIM", "WORLD"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    require_open_clip()
+
+    if args.one:  # child process: one configuration, JSON on the last line
+        import json  # noqa: PLC0415
+
+        torch.ones(64, 64) @ torch.ones(64, 64)  # BLAS and thread pool loaded before the baseline
+        impl, d, world = args.one[0], int(args.one[1]), int(args.one[2])
+        print(json.dumps(measure(impl, args.batch, d, world, args.repeats, args.warmup, args.block_size,
+                                 args.device)))
+        return
+
+    print(machine_line(args.device))
+    print(f"# loss fwd+bwd of one rank's share, global batch {args.batch}, fp32, {args.warmup} warm-up + "
+          f"{args.repeats} timed step(s); memory = peak above the pre-input level, inputs included")
+    if not args.skip_check:
+        check_equivalence()
+    headers = ["dim", "W", "b", "floor MiB", "open_clip s", "open_clip MiB", "ours s", "ours MiB",
+               "mem ours/oc", "time ours/oc", "ours/floor", "target (W<=8)"]
+    rows = []
+    print("| " + " | ".join(headers) + " |", flush=True)
+    for d in args.dims:
+        for world in args.world_sizes:
+            b = args.batch // world
+            res: dict[str, dict[str, Any] | None] = {}
+            for impl in IMPLS:
+                est = open_clip_estimate(b, args.batch, d)
+                if impl == "open_clip" and est > args.max_gib * (1 << 30):
+                    res[impl] = None  # would not fit the budget: marked, not run
+                    continue
+                res[impl] = run_one(args, impl, d, world)
+            oc, ours = res["open_clip"], res["ours"]
+            floor = floor_bytes(args.batch, d)
+            mem_r = ours["peak_bytes"] / oc["peak_bytes"] if oc and ours else None
+            time_r = ours["time_s"] / oc["time_s"] if oc and ours else None
+            if world > 8:
+                verdict = "n/a"
+            elif mem_r is None:
+                verdict = f"open_clip skipped (est. {open_clip_estimate(b, args.batch, d) / (1 << 30):.0f} GiB)"
+            else:
+                verdict = "met" if mem_r <= 0.25 and time_r <= 1.1 else (
+                    f"NOT met ({'mem' if mem_r > 0.25 else ''}{'+' if mem_r > 0.25 and time_r > 1.1 else ''}"
+                    f"{'time' if time_r > 1.1 else ''})")
+            row = [d, world, b, round(floor / MIB),
+                   f"{oc['time_s']:.3f}" if oc else "-", round(oc["peak_bytes"] / MIB) if oc else "-",
+                   f"{ours['time_s']:.3f}", round(ours["peak_bytes"] / MIB),
+                   f"{mem_r:.3f}" if mem_r is not None else "-", f"{time_r:.2f}" if time_r is not None else "-",
+                   f"{ours['peak_bytes'] / floor:.2f}", verdict]
+            rows.append(row)
+            print(md_table(headers, [row]).splitlines()[-1], flush=True)
+    print()
+    print(md_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""GPU benchmark, one prepared script: training samples/s and model FLOPs utilisation (MFU)
+of ViT-B/32 and RN50 at batch 256 in bf16 with and without gradient checkpointing, and the
+largest micro-batch of ViT-L/14 that fits, without and with gradient caching.
+
+    .venv/bin/python benchmarks/gpu_bench.py                 # on one GPU (~5-10 min on an H100)
+    .venv/bin/python benchmarks/gpu_bench.py --dry-run       # CPU: tiny models, checks the logic
+        [--batch 256] [--steps 10] [--warmup 3] [--peak-tflops 989] [--search-cap 4096]
+        [--only throughput|largest]
+
+Every measurement runs the project's real training path in a fresh child process (so one
+OOM or one allocator state never leaks into the next row): the run config
+(`pretrain.config`), the DeepSpeed engine (`pretrain.train.build.build_engine`, ZeRO-1, bf16),
+and the optimizer step (`pretrain.train.step.train_step`) with the "clip" loss, on one
+device. Inputs are synthetic tensors already on the device, so the numbers are the model's,
+not the input pipeline's.
+
+MFU = samples/s x (3 x forward FLOPs per sample) / peak FLOP/s. Forward FLOPs are counted
+by `torch.utils.flop_counter.FlopCounterMode` on the real model (matmuls, convolutions,
+attention; 2 FLOPs per multiply-add); the factor 3 is forward + backward, and recomputation
+under gradient checkpointing is NOT counted (the usual model-FLOPs convention), so
+checkpointing shows as a lower MFU. Peak: --peak-tflops, or the bf16 dense peak of a known
+device name (H100/H200 989, A100 312); unknown -> MFU not printed.
+
+Largest micro-batch: one optimizer step at micro-batch b (gradient checkpointing on, as the
+paper trains ViT-L/14), doubling b until a CUDA OOM, then bisecting to --granularity. The
+gradient-caching row needs a gradient-cache option in the run config (a `train.*cache*`
+field); without one it is skipped with a message. With --dry-run everything runs on CPU with
+ViT-tiny / RN-tiny, batch 8, 2 steps and --search-cap 16 (CPU never runs out of memory, so
+the search stops at the cap).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from _common import machine_line, md_table, run_child  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+EOT = 49407  # end-of-text id: the text tower pools at the highest id
+
+
+# ----------------------------------------------------------------------- child side ---
+def grad_cache_field() -> str | None:
+    """The run config's gradient-cache switch, if the trainer has one (TrainConfig field
+    whose name contains "cache")."""
+    from pretrain.config.schema import TrainConfig  # noqa: PLC0415
+
+    names = [f.name for f in dataclasses.fields(TrainConfig) if "cache" in f.name]
+    return names[0] if names else None
+
+
+def child_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in this (fresh) process: build the engine, run steps, report."""
+    import torch  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    from pretrain.config import load_config  # noqa: PLC0415
+    from pretrain.loss import get_loss  # noqa: PLC0415
+    from pretrain.train import distributed  # noqa: PLC0415
+    from pretrain.train.build import build_engine  # noqa: PLC0415
+    from pretrain.train.step import train_step  # noqa: PLC0415
+
+    env = distributed.detect_env()
+    device = distributed.init(env, 600)
+    micro, total = spec["micro_batch"], spec["global_batch"]
+    overrides = [f"--output_dir={spec['out_dir']}", f"--model.name={spec['model']}",
+                 f"--model.grad_checkpointing={str(spec['ckpt']).lower()}",
+                 f"--train.precision={spec['precision']}", "--train.zero_stage=1",
+                 f"--train.global_batch={total}", f"--train.micro_batch={micro}",
+                 "--data.sources=unused.tar", f"--data.samples_per_epoch={total * 1000}",
+                 "--logging.mlflow=false"] + spec.get("extra", [])
+    cfg = load_config(None, overrides)
+    engine, _ = build_engine(cfg, 1)
+    model = engine.module
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def batch(n: int) -> dict[str, torch.Tensor]:
+        images = torch.randn(n, 3, model.image_size, model.image_size, generator=gen)
+        tokens = torch.randint(1, EOT - 1, (n, model.context_length), generator=gen)
+        tokens[:, -1] = EOT
+        return {"images": images.to(device, dtype), "tokens": tokens.to(device)}
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        probe = batch(2)
+        model(probe["images"], probe["tokens"])
+    fwd_flops = counter.get_total_flops() / 2
+    micro_batches = [batch(micro) for _ in range(total // micro)]
+    loss_fn = get_loss("clip")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out: dict[str, Any] = {"fwd_flops_per_sample": fwd_flops}
+    try:
+        for _ in range(spec["warmup"]):
+            train_step(engine, micro_batches, loss_fn)
+        if cuda:
+            torch.cuda.synchronize()
+        import time  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        for _ in range(spec["steps"]):
+            step = train_step(engine, micro_batches, loss_fn)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        out.update(fits=True, samples_per_s=spec["steps"] * total / elapsed, loss=step.loss,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+    except torch.cuda.OutOfMemoryError:
+        out.update(fits=False)
+    return out
+
+
+# ---------------------------------------------------------------------- parent side ---
+def largest_fitting(fits: Callable[[int], bool], start: int, cap: int, granularity: int) -> tuple[int, bool]:
+    """(largest b in [start, cap] with fits(b), hit_cap): doubling, then bisection down to
+    `granularity`. Returns (0, False) when even `start` does not fit."""
+    if not fits(start):
+        return 0, False
+    lo = start
+    while lo * 2 <= cap and fits(lo * 2):
+        lo *= 2
+    if lo * 2 > cap:
+        return lo, True
+    hi = lo * 2  # lo fits, hi does not
+    while hi - lo > granularity:
+        mid = (lo + hi) // 2 // granularity * granularity or lo + granularity
+        if mid <= lo or mid >= hi:
+            break
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, False
+
+
+def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return run_child([sys.executable, __file__, "--child", json.dumps(spec)], timeout=1800)
+
+
+def peak_flops(args: argparse.Namespace, device_name: str) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in device_name:
+            return tflops * 1e12
+    return None
+
+
+def throughput_rows(args: argparse.Namespace, models: tuple[str, str], device_name: str) -> list[list[Any]]:
+    rows = []
+    peak = peak_flops(args, device_name)
+    for model in models:
+        for ckpt in (False, True):
+            spec = {"model": model, "ckpt": ckpt, "precision": args.precision, "micro_batch": args.batch,
+                    "global_batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+                    "out_dir": args.out_dir}
+            r = run_spec(spec)
+            if not r["fits"]:
+                rows.append([model, args.batch, "on" if ckpt else "off", "OOM", "-", "-", "-"])
+                continue
+            train_flops = 3 * r["fwd_flops_per_sample"]
+            mfu = f"{100 * r['samples_per_s'] * train_flops / peak:.1f}%" if peak else "- (peak unknown)"
+            rows.append([model, args.batch, "on" if ckpt else "off", f"{r['samples_per_s']:.1f}",
+                         f"{train_flops / 1e9:.1f}", mfu, f"{r['peak_gib']:.1f}" if r["peak_gib"] else "-"])
+            print(md_table(THROUGHPUT_HEADERS, [rows[-1]]).splitlines()[-1], flush=True)
+    return rows
+
+
+THROUGHPUT_HEADERS = ["model", "batch", "grad ckpt", "samples/s", "train GFLOP/sample", "MFU", "peak GiB"]
+LARGEST_HEADERS = ["model", "gradient caching", "largest micro-batch that fits", "note"]
+
+
+def largest_rows(args: argparse.Namespace, model: str) -> list[list[Any]]:
+    base = {"model": model, "ckpt": True, "precision": args.precision, "steps": 1, "warmup": 1,
+            "out_dir": args.out_dir}
+
+    def fits_plain(b: int) -> bool:
+        return bool(run_spec({**base, "micro_batch": b, "global_batch": b})["fits"])
+
+    b, capped = largest_fitting(fits_plain, args.search_start, args.search_cap, args.granularity)
+    rows = [[model, "off", f">= {b}" if capped else b, "search stopped at --search-cap" if capped else "grad ckpt on"]]
+    field = grad_cache_field()
+    if field is None:
+        rows.append([model, "on", "skipped", "pretrain.train has no gradient-cache option yet "
+                     "(no train.*cache* field in the run config)"])
+    else:
+        # Caching: micro-batches of --cache-chunk, the loss over the whole global batch b.
+        def fits_cached(b: int) -> bool:
+            extra = [f"--train.{field}=true"]
+            return bool(run_spec({**base, "micro_batch": args.cache_chunk, "global_batch": b, "extra": extra})["fits"])
+
+        start = max(args.cache_chunk, args.search_start)
+        b, capped = largest_fitting(fits_cached, start, args.search_cap, args.cache_chunk)
+        rows.append([model, f"on (train.{field}, chunk {args.cache_chunk})", f">= {b}" if capped else b,
+                     "global batch per device; grad ckpt on"])
+    for r in rows:
+        print(md_table(LARGEST_HEADERS, [r]).splitlines()[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models: check syntax and logic")
+    ap.add_argument("--batch", type=int, default=None, help="throughput batch (default 256; dry run 8)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; dry run 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; dry run 1)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    ap.add_argument("--search-start", type=int, default=None, help="first micro-batch tried (default 64; dry 2)")
+    ap.add_argument("--search-cap", type=int, default=None, help="largest micro-batch tried (default 4096; dry 16)")
+    ap.add_argument("--granularity", type=int, default=None, help="bisection step (default 16; dry 2)")
+    ap.add_argument("--cache-chunk", type=int, default=None, help="micro-batch with caching (default 256; dry 4)")
+    ap.add_argument("--only", choices=["throughput", "largest"], default=None)
+    ap.add_argument("--out-dir", default="/tmp/gpu_bench_run")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child_run(json.loads(args.child))))
+        sys.stdout.flush()
+        from pretrain.train import distributed  # noqa: PLC0415
+
+        distributed.finish(0)  # barrier-free single rank: clean gloo/NCCL teardown, then exit
+
+    import torch  # noqa: PLC0415
+
+    dry = args.dry_run
+    if not dry and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on a GPU, or pass --dry-run to check the script on CPU")
+    defaults = dict(batch=8, steps=2, warmup=1, search_start=2, search_cap=16, granularity=2, cache_chunk=4) if dry \
+        else dict(batch=256, steps=10, warmup=3, search_start=64, search_cap=4096, granularity=16, cache_chunk=256)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not dry else "cpu"
+    models = ("ViT-tiny", "RN-tiny") if dry else ("ViT-B/32", "RN50")
+    big = "ViT-tiny" if dry else "ViT-L/14"
+    print(machine_line("cuda" if device_name != "cpu" else "cpu") + (" (DRY RUN: tiny models)" if dry else ""))
+    if args.only in (None, "throughput"):
+        print(f"# training throughput, {args.precision}, ZeRO-1, 1 device, {args.warmup} warm-up + {args.steps} steps")
+        print(md_table(THROUGHPUT_HEADERS, throughput_rows(args, models, device_name)))
+    if args.only in (None, "largest"):
+        print(f"# largest micro-batch, {args.precision}, ZeRO-1, 1 device")
+        print(md_table(LARGEST_HEADERS, largest_rows(args, big)))
+
+
+if __name__ == "__main__":
+    main()
