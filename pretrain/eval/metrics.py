@@ -24,9 +24,16 @@ def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(x)
 
 
+def _scores(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Float scores without up-casting (a 50k x 1000 or 5k x 25k matrix stays float32);
+    never down-cast either, which could create ties that the caller's numbers do not have."""
+    a = _np(x)
+    return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)
+
+
 def true_class_rank(scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> np.ndarray:
     """Per row: how many *other* classes score >= the true class (0 = a clear top-1 hit)."""
-    s = _np(scores).astype(np.float64)
+    s = _scores(scores)
     y = _np(labels).astype(np.int64)
     if s.ndim != 2 or y.shape != (s.shape[0],):
         raise ValueError(f"scores must be [N, C] and labels [N]; got {s.shape} and {y.shape}")
@@ -77,19 +84,21 @@ def retrieval_metrics(
     captions scoring >= it (i.e. any own caption is in the top k). text->image: a hit when
     fewer than k other images score >= the true image.
     """
-    sim = _np(similarity).astype(np.float64)
+    sim = _scores(similarity)
     owner = _np(text_to_image).astype(np.int64)
     n_img, n_txt = sim.shape
     if owner.shape != (n_txt,):
         raise ValueError(f"text_to_image must have one entry per text ({n_txt}); got {owner.shape}")
     if n_txt and (owner.min() < 0 or owner.max() >= n_img):
         raise ValueError("text_to_image holds an image index out of range")
-    own = np.zeros((n_img, n_txt), dtype=bool)
-    own[owner, np.arange(n_txt)] = True
-    if not own.any(axis=1).all():
+    if np.bincount(owner, minlength=n_img).min(initial=1) == 0:
         raise ValueError("every image needs at least one caption for image->text recall")
-    best_own = np.where(own, sim, -np.inf).max(axis=1, keepdims=True)
-    i2t_rank = ((sim >= best_own) & ~own).sum(axis=1)
+    i2t_rank = np.empty(n_img, dtype=np.int64)
+    for lo in range(0, n_img, 1024):  # row blocks bound the temporaries for 5k x 25k matrices
+        rows = sim[lo:lo + 1024]
+        own = owner[None, :] == np.arange(lo, lo + len(rows))[:, None]
+        best_own = np.where(own, rows, -np.inf).max(axis=1, keepdims=True)
+        i2t_rank[lo:lo + len(rows)] = ((rows >= best_own) & ~own).sum(axis=1)
     t2i_rank = true_class_rank(sim.T, owner)
     out: dict = {}
     for k in ks:
