@@ -100,7 +100,22 @@ clip__on_term() {
     # scancel, or Slurm's own preemption (which requeues by itself): checkpoint if the
     # grace time allows, but never requeue from here.
     clip__log "TERM: forwarding to the tasks"
+    if [[ -z "${CLIP_SRUN_PID:-}" ]]; then exit 143; fi
     clip__forward TERM
+}
+
+clip__requeue() {
+    clip__log "$1: requeueing job $SLURM_JOB_ID (the next attempt resumes from the newest complete checkpoint)"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+
+# Installed before the preflight check: an unhandled USR1 would kill the batch shell.
+clip_install_traps() {
+    CLIP_WARNED=0
+    CLIP_SRUN_PID=""
+    trap clip__on_usr1 USR1
+    trap clip__on_term TERM
 }
 
 # Run the srun step in the background and wait for it: bash runs a trap only between
@@ -119,9 +134,8 @@ clip_launch() {
         printf 'dry run:'; printf ' %q' "${srun_cmd[@]}"; printf '\n'
         return 0
     fi
-    CLIP_WARNED=0
-    trap clip__on_usr1 USR1
-    trap clip__on_term TERM
+    # The warning came while this attempt was still starting: nothing new to save.
+    if (( CLIP_WARNED )); then clip__requeue "warned before launch"; fi
     clip__log "job $job attempt $CLIP_ATTEMPT: $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST," \
         "rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $CLIP_RUN_DIR, rank logs $CLIP_LOG_DIR/$job.$CLIP_ATTEMPT-*.log"
     "${srun_cmd[@]}" &
@@ -139,9 +153,7 @@ clip_launch() {
     # Requeue only when the warning came AND the trainer confirmed its checkpoint: a run
     # that finished its last step anyway, or failed, is not started again.
     if (( CLIP_WARNED )) && (( rc == 0 )) && grep -q "preempted: checkpoint saved at step" "$rank0_log" 2>/dev/null; then
-        clip__log "checkpoint saved: requeueing job $SLURM_JOB_ID (the next attempt resumes from it)"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        clip__requeue "checkpoint saved"
     fi
     exit "$rc"
 }
@@ -155,6 +167,7 @@ clip_main() {
     clip_setup_paths
     clip_setup_dist_env
     clip_build_args "$@"
+    if [[ "${CLIP_DRY_RUN:-0}" != 1 ]]; then clip_install_traps; fi
     # One python process checks the config against this allocation before any task
     # starts: a wrong batch split fails here with one message, not on every rank.
     if [[ "${CLIP_PREFLIGHT:-1}" != 0 ]]; then

@@ -14,7 +14,7 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 clip_dir="$(dirname "$0")"  # in a job, $0 is Slurm's spool copy: use the submitted path
-if [[ -n "${SLURM_JOB_ID:-}" ]]; then clip_dir="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')")"; fi
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then clip_dir="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")"; fi
 # shellcheck source=slurm/common.sh
 source "${CLIP_REPO:-$clip_dir/..}/slurm/common.sh"
 clip_main vit_b16 "$@"

@@ -111,6 +111,7 @@ class SlurmCluster:
         self.nodes = NODES
         self._hosts_tag = f"# clip-slurm-test {os.getpid()} {root}"
         self._jobs: list[int] = []
+        self.history: dict[int, list[tuple[float, str, str]]] = {}  # job -> (time, state, restarts) changes
 
     # --- environment and commands ----------------------------------------------------------
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -144,6 +145,10 @@ class SlurmCluster:
         for field in out.split():
             key, _, value = field.partition("=")
             info.setdefault(key, value)
+        seen = self.history.setdefault(job, [])
+        now = (info.get("JobState", "?"), info.get("Restarts", "?"))
+        if not seen or seen[-1][1:] != now:
+            seen.append((round(time.time(), 2), *now))
         return info
 
     def wait_for(self, job: int, predicate, timeout: float, what: str, poll: float = 0.5) -> dict[str, str]:
@@ -152,21 +157,36 @@ class SlurmCluster:
         while not predicate(info):
             if time.monotonic() > deadline:
                 raise SlurmError(f"job {job}: not {what} after {timeout:.0f} s; last state {info.get('JobState')} "
-                                 f"reason {info.get('Reason')}\n{self.logs_tail()}")
+                                 f"reason {info.get('Reason')}; states {self.history.get(job)}\n{self.logs_tail()}")
             time.sleep(poll)
             info = self.job(job)
         return info
 
-    def wait_done(self, job: int, timeout: float) -> dict[str, str]:
-        return self.wait_for(job, lambda i: i.get("JobState") in FINAL_STATES, timeout, "finished")
+    def wait_done(self, job: int, timeout: float, restarts: int | None = None) -> dict[str, str]:
+        """Wait for a final state; with `restarts`, for the end of that attempt (right after
+        `scontrol requeue` the old attempt can show a final state for a moment, so the
+        attempt must also have been seen RUNNING)."""
+        def done(info: dict[str, str]) -> bool:
+            if info.get("JobState") not in FINAL_STATES:
+                return False
+            if restarts is None:
+                return True
+            return (info.get("Restarts") == str(restarts)
+                    and any(st == "RUNNING" and r == str(restarts) for _, st, r in self.history.get(job, [])))
+        return self.wait_for(job, done, timeout, "finished" if restarts is None else f"finished attempt {restarts}",
+                             poll=0.25)
 
     def release_requeued(self, job: int, timeout: float = 60) -> dict[str, str]:
-        """Wait until `job` was requeued, then lift Slurm's fixed ~2 min requeue hold
-        (EligibleTime = now + 120 s) so that it starts again at once."""
-        info = self.wait_for(job, lambda i: int(i.get("Restarts", "0")) >= 1 and i.get("JobState") == "PENDING"
-                             or i.get("JobState") in FINAL_STATES, timeout, "requeued")
-        if info.get("JobState") == "PENDING":
-            self.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+        """Wait until `job` was requeued and is pending again, then lift Slurm's fixed hold on
+        requeued jobs (EligibleTime = now + ~2 min) so that the next attempt starts at once."""
+        def requeued(info: dict[str, str]) -> bool:
+            if info.get("JobState") in FINAL_STATES and info.get("Restarts") == "0":
+                raise SlurmError(f"job {job} ended ({info.get('JobState')}) without being requeued")
+            return info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) >= 1
+
+        info = self.wait_for(job, requeued, timeout, "requeued", poll=0.1)
+        # the job may already have left PENDING by itself: then there is nothing to lift
+        self.cmd("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
         return info
 
     def task_pids(self, job: int, procid: int, needle: str = "") -> list[int]:

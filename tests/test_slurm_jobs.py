@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "cpu_tiny.sh"
 TOTAL_STEPS = 30  # slurm/presets/cpu_tiny.yaml: 240 samples / 16 per step x 2 epochs
 FINAL_TAG = f"step_{TOTAL_STEPS:08d}"
+# The trainer's test hook: a NaN loss at step 2 (rank 0) must be skipped and counted on
+# the Slurm path too; given to runs (a) and (b) alike, so their weights stay comparable.
+NAN_AT_2 = "--train.debug_nan_at_steps=[2]"
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +44,19 @@ def work(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "runs": root / "runs", "data": Path(shards.pattern)}
 
 
-def submit(cluster: SlurmCluster, work: dict[str, Path], name: str, *overrides: str, preflight: bool = False) -> int:
-    """sbatch the CPU variant under job name `name` (= its run dir under work["runs"]).
-    The one-process preflight check (~5 s of imports here) runs in the first job only."""
-    return cluster.sbatch(SCRIPT, *overrides, cwd=REPO,
-                          sbatch_args=[f"--job-name={name}", f"--output={work['root']}/%x-%j.out"],
-                          env={"CLIP_DATA": str(work["data"]), "CLIP_RUNS_ROOT": str(work["runs"]),
-                               "CLIP_PREFLIGHT": "1" if preflight else "0"})
+def submit(cluster: SlurmCluster, work: dict[str, Path], name: str, *overrides: str, preflight: bool = False,
+           data_as_argument: bool = False) -> int:
+    """sbatch the CPU variant under job name `name` (= its run dir under work["runs"]), with
+    the shards from CLIP_DATA or as a `--data.sources=/...` script argument (a path in the
+    arguments must not confuse how the script finds the repository). The one-process
+    preflight check (~5 s of imports here) runs in the first job only."""
+    env = {"CLIP_RUNS_ROOT": str(work["runs"]), "CLIP_PREFLIGHT": "1" if preflight else "0"}
+    if data_as_argument:
+        overrides = (f"--data.sources={work['data']}", *overrides)
+    else:
+        env["CLIP_DATA"] = str(work["data"])
+    return cluster.sbatch(SCRIPT, *overrides, cwd=REPO, env=env,
+                          sbatch_args=[f"--job-name={name}", f"--output={work['root']}/%x-%j.out"])
 
 
 def rank_log(work: dict[str, Path], name: str, job: int, attempt: int, rank: int) -> str:
@@ -81,7 +90,7 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
 def straight_run(slurm_cluster: SlurmCluster, work) -> dict:  # noqa: F811
     """(a): one uninterrupted submission of the CPU variant."""
     name = "clip-straight"
-    job = submit(slurm_cluster, work, name, preflight=True)
+    job = submit(slurm_cluster, work, name, NAN_AT_2, preflight=True)
     info = slurm_cluster.wait_done(job, timeout=240)
     return {"name": name, "job": job, "info": info, "run": work["runs"] / name}
 
@@ -93,6 +102,7 @@ def test_cpu_variant_trains_to_completion(straight_run, work):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", batch_log(work, name, job) + log0[-3000:]
     assert "process group: gloo, world size 2, device cpu (launcher: slurm)" in log0
     assert f"training finished at step {TOTAL_STEPS}" in log0
+    assert "step 2: non-finite loss; update skipped (1 in a row)" in log0
     assert (run / "logs" / f"{job}.0-1.log").is_file()  # rank 1 ran on the other "node"
     assert complete_tags(run)[-1] == FINAL_TAG
     batch = batch_log(work, name, job)
@@ -106,12 +116,12 @@ def test_cpu_variant_trains_to_completion(straight_run, work):
 def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, work, straight_run):  # noqa: F811
     name = "clip-preempted"
     run = work["runs"] / name
-    job = submit(slurm_cluster, work, name)
+    job = submit(slurm_cluster, work, name, NAN_AT_2)
     wait_for_checkpoint(slurm_cluster, job, run)
     # What `#SBATCH --signal=B:USR1@60` does at the time limit: USR1 to the batch shell only.
     slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(job))
     slurm_cluster.release_requeued(job, timeout=90)
-    info = slurm_cluster.wait_done(job, timeout=240)
+    info = slurm_cluster.wait_done(job, timeout=240, restarts=1)
     first, second = rank_log(work, name, job, 0, 0), rank_log(work, name, job, 1, 0)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", batch_log(work, name, job) + second[-3000:]
     saved = re.search(r"preempted: checkpoint saved at step (\d+)", first)
@@ -122,7 +132,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, work, st
     assert f"training steps {step + 1}..{TOTAL_STEPS} of {TOTAL_STEPS}" in second
     assert f"training finished at step {TOTAL_STEPS}" in second
     batch = batch_log(work, name, job)
-    assert "USR1" in batch and "requeueing job" in batch and "attempt 1" in batch
+    assert "USR1" in batch and "checkpoint saved: requeueing job" in batch and "attempt 1" in batch
     # Same final step count and, with exact resume, the same weights as the straight run.
     assert complete_tags(run)[-1] == FINAL_TAG
     assert_same_weights(straight_run["run"], run)
@@ -132,7 +142,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, work, st
 def test_killed_rank_fails_fast_and_resubmission_resumes(slurm_cluster, work):  # noqa: F811
     name = "clip-killed"
     run = work["runs"] / name
-    job = submit(slurm_cluster, work, name)
+    job = submit(slurm_cluster, work, name, data_as_argument=True)
     wait_for_checkpoint(slurm_cluster, job, run)
     pids = slurm_cluster.task_pids(job, procid=1, needle="pretrain/run.py")
     assert len(pids) == 1, pids
@@ -145,7 +155,7 @@ def test_killed_rank_fails_fast_and_resubmission_resumes(slurm_cluster, work):  
     newest = complete_tags(run)[-1]  # what survived: complete tags only
     assert newest != FINAL_TAG
 
-    again = submit(slurm_cluster, work, name)  # same job name -> same run dir
+    again = submit(slurm_cluster, work, name, data_as_argument=True)  # same job name -> same run dir
     info = slurm_cluster.wait_done(again, timeout=240)
     log0 = rank_log(work, name, again, 0, 0)
     assert info["JobState"] == "COMPLETED", batch_log(work, name, again) + log0[-3000:]
