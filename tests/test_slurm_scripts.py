@@ -194,3 +194,19 @@ def test_launcher_sets_rendezvous_and_fail_fast_settings(tmp_path: Path):
             'echo "$MASTER_PORT ${RANK:-unset} $TORCH_NCCL_ASYNC_ERROR_HANDLING $CLIP_RUN_DIR $PWD"')
     out = subprocess.run(["bash", "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(20000 + 123456 % 20000), "unset", "1", str(tmp_path / "x"), str(REPO)]
+
+
+def test_cluster_harness_skips_only_where_slurm_is_missing(monkeypatch):
+    """No Slurm binaries and no install allowed: skip; CLIP_SLURM_REQUIRED=1 (CI): fail."""
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CLIP_SLURM_NO_INSTALL", "1")
+    monkeypatch.delenv("CLIP_SLURM_REQUIRED", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="Slurm binaries missing"):
+        with slurm_cluster.running_cluster():
+            pass
+    monkeypatch.setenv("CLIP_SLURM_REQUIRED", "1")
+    with pytest.raises(pytest.fail.Exception, match="CLIP_SLURM_REQUIRED=1"):
+        with slurm_cluster.running_cluster():
+            pass
