@@ -13,9 +13,10 @@ each row: the floor that ANY all-gather design pays, the gathered image and text
 and their gradients (4 x B x d x 4 bytes in fp32).
 
 Memory: on CUDA, torch.cuda.max_memory_allocated around the step; on CPU, every
-configuration runs in a fresh subprocess and reports its peak resident set (VmHWM) minus
-the resident set before the inputs were made (so it includes the inputs: local and gathered
-features). Configurations whose b x B logits would not fit in --max-gib are skipped and
+configuration runs in a fresh subprocess and reports its peak resident set (VmHWM, reset
+after the inputs are made) minus the resident set before the inputs were made (so it
+includes the inputs: local and gathered features), with glibc's mmap threshold fixed at
+1 MiB so that freed tensors leave the resident set (closer to a GPU allocator's live bytes). Configurations whose b x B logits would not fit in --max-gib are skipped and
 marked. CPU times depend on the machine's load; compare rows measured in the same run.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,11 @@ def rss_bytes(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Set VmHWM back to the current VmRSS (Linux >= 4.0: write 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def plain_logit_bytes(b: int, total: int) -> int:
@@ -73,6 +80,8 @@ def measure(loss: str, total: int, d: int, world: int, repeats: int, warmup: int
 
     img, txt, all_img, all_txt = unit(b), unit(b), unit(total), unit(total)
     scale = torch.tensor(1 / 0.07, device=dev, requires_grad=True)
+    if not cuda:
+        reset_peak_rss()  # the inputs' creation temporaries are not the loss's
     offset = 0  # rank 0's share; any rank computes the same amount
     if cuda:
         torch.cuda.synchronize()
@@ -104,7 +113,10 @@ def measure_isolated(args: argparse.Namespace, loss: str, d: int, world: int, de
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # A fixed mmap threshold turns off glibc's dynamic one, which otherwise serves freed-then-
+    # reallocated tensors from a heap that never shrinks: RSS then tracks live tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -170,3 +170,17 @@ def test_distributed_equals_full_batch(world: int) -> None:
                 got[key], want[key], rtol=1e-5, atol=1e-5,
                 msg=lambda m: f"{name} {loss_name} ckpt={ckpt} {sizes} {key}: {m}",
             )
+
+
+def failing_rank(rank: int, world: int) -> int:
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    dist.barrier()  # rank 0 blocks here; the harness must still return promptly
+    return rank
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_harness_reports_a_rank_error() -> None:
+    with pytest.raises(Exception, match="rank 1 fails on purpose"):
+        run_distributed(failing_rank, 2, timeout_s=50)

@@ -105,8 +105,8 @@ def test_registry_and_bad_block_size() -> None:
 
 def test_auto_block_size() -> None:
     assert auto_block_size(4, 3) == 3  # never more columns than exist
-    assert auto_block_size(4096, 32768) == (1 << 24) // 4096
-    assert auto_block_size(1 << 20, 1 << 20) == 128  # floor keeps blocks from getting thin
+    assert auto_block_size(4096, 32768) == (1 << 23) // 4096
+    assert auto_block_size(1 << 20, 1 << 20) == 256  # floor keeps blocks from getting thin
 
 
 def test_tiled_under_autocast_matches_plain() -> None:

@@ -8,13 +8,13 @@ walks the B columns in blocks of `block_size`:
             the b row maxima and sums of exp;
   backward: recomputes each block, dz = g * (softmax_blk - onehot), and accumulates
             dA += s dz @ C_blk, dC_blk = s dz^T @ A; ds = sum(dz * A @ C^T) = sum(A * dA) / s.
-The scale is folded into the b x d side, z = (sA) @ C^T, as in the plain loss, so that each
-block costs one matmul and few passes over the b x k buffer.
-Each block is built in place in one b x k buffer: peak extra memory is O(b x block_size)
-(plus the b x d and B x d gradients) instead of O(b x B). The default block size gives
-blocks of about 2^24 elements (64 MiB in fp32). Values and gradients equal the
-plain loss (clip.py) up to float rounding; the gradient convention through the all-gather is
-the same (clip.py docstring), since the gathered C receives its gradient like any tensor.
+The scale is folded into the b x d side, z = (sA) @ C^T, as in the plain loss. Each block is
+built in place in one b x k buffer: peak extra memory is O(b x block_size) (plus the b x d
+and B x d gradients) instead of O(b x B); the default block size gives blocks of about 2^23
+elements (32 MiB in fp32). Values and gradients equal the plain loss (clip.py) up to float
+rounding; the gradient convention through the all-gather is the same (clip.py docstring),
+since the gathered C receives its gradient like any tensor. Cost: the backward recomputes
+the logits, 4 matmuls per direction instead of the plain loss's 3.
 
 Run the tests: `.venv/bin/python -m pytest -q tests/test_loss_tiled.py`.
 """
@@ -28,8 +28,8 @@ import torch
 from pretrain.loss.common import as_scalar, check_features, rank_share
 from pretrain.loss.gather import gather_pair, world_info
 
-BLOCK_ELEMENTS = 1 << 24  # default block budget: b x block_size ~ 16M logits (64 MiB fp32)
-MIN_BLOCK_SIZE = 128  # below this the per-block matmuls get too thin to run fast
+BLOCK_ELEMENTS = 1 << 23  # default block budget: b x block_size ~ 8M logits (32 MiB fp32)
+MIN_BLOCK_SIZE = 256  # below this the per-block matmuls get too thin to run fast
 
 
 def auto_block_size(local_rows: int, global_rows: int) -> int:
@@ -49,6 +49,21 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Accumulate in fp32 even for bf16/fp16 features (the exp-sums are the sensitive part),
     in fp64 for fp64 features."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def _matmul_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= x @ y without a temporary where possible (a k x d temporary at k = B is as big
+    as the gathered features). Under autocast, or across dtypes, fall back to the
+    out-of-place product so that autocast still picks the matmul precision."""
+    if out.dtype == x.dtype == y.dtype and not torch.is_autocast_enabled(out.device.type):
+        if accumulate:
+            out.addmm_(x, y)
+        else:
+            torch.mm(x, y, out=out)
+    elif accumulate:
+        out += x @ y
+    else:
+        out.copy_(x @ y)
 
 
 class TiledRowCE(torch.autograd.Function):
@@ -115,14 +130,15 @@ class TiledRowCE(torch.autograd.Function):
             rows, cols = _positives_in_block(a.shape[0], offset, start, stop, a.device)
             dz[rows, cols] -= g[rows]
             dz = dz.to(a.dtype)
-            grad_a += (dz @ c_blk).to(acc)
+            _matmul_into(grad_a, dz, c_blk, accumulate=True)
             if need_c:
-                grad_c[start:stop] = dz.T @ a_s  # = s dz^T A
+                _matmul_into(grad_c[start:stop], dz.T, a_s, accumulate=False)  # = s dz^T A
             del dz
-        # z = (sA) C^T: dL/dA = s dL/d(sA), dL/ds = sum(A * dL/d(sA))
-        grad_s = (a.to(acc) * grad_a).sum() if need_s else None
+        # z = (sA) C^T: dL/dA = s dL/d(sA), dL/ds = sum(A * dL/d(sA)); dot and mul_ make no
+        # b x d temporaries
+        grad_s = torch.dot(a.to(acc).reshape(-1), grad_a.reshape(-1)) if need_s else None
         return (
-            (grad_a * scale.to(acc)).to(a.dtype) if need_a else None,
+            grad_a.mul_(scale.to(acc)).to(a.dtype) if need_a else None,
             grad_c,
             grad_s.to(scale.dtype) if need_s else None,
             None,
@@ -151,7 +167,7 @@ def clip_loss_tiled(
     """Same value, gradients and conventions as `clip_loss`, in O(b x block_size) memory.
 
     Args as `clip_loss`, plus `block_size`: columns (global-batch samples) per block;
-    None picks `auto_block_size` (blocks of about 2^24 logits).
+    None picks `auto_block_size` (blocks of about 2^23 logits).
     """
     check_features(image_features, text_features)
     scale = as_scalar(logit_scale, image_features, "logit_scale")
