@@ -30,6 +30,7 @@ its time. open_clip rows whose estimated peak exceeds --max-gib are skipped and 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
@@ -41,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from _common import MIB, PeakMemory, machine_line, md_table, require_open_clip, run_child  # noqa: E402
+from _common import MIB, PeakMemory, machine_line, md_table, require_open_clip  # noqa: E402
 
 IMPLS = ("open_clip", "ours")
 
@@ -131,16 +132,40 @@ def check_equivalence() -> None:
     print("# equivalence check (B=256, d=32, W=4): loss and all gradients equal (1e-4)")
 
 
-def run_one(args: argparse.Namespace, impl: str, d: int, world: int) -> dict[str, Any]:
-    if args.device != "cpu":  # the CUDA allocator's peak is exact in-process
-        torch.cuda.empty_cache()
-        return measure(impl, args.batch, d, world, args.repeats, args.warmup, args.block_size, args.device)
-    cmd = [sys.executable, __file__, "--one", impl, str(d), str(world), "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--device", "cpu"]
-    if args.block_size:
-        cmd += ["--block-size", str(args.block_size)]
-    return run_child(cmd)
+def _child(impl: str, total: int, d: int, world: int, repeats: int, warmup: int, block_size: int | None,
+           threads: int) -> dict[str, Any]:
+    """Runs in a fresh process forked from the fork server (torch already imported there, no
+    thread pool started), so its peak resident set is this configuration's alone."""
+    torch.set_num_threads(threads)
+    # One tiny step of the same loss first: BLAS, thread pool, autograd engine and lazy
+    # imports are set up before the baseline, so the peak is the configuration's own.
+    measure(impl, 64, 8, min(world, 4), 1, 0, None, "cpu")
+    return measure(impl, total, d, world, repeats, warmup, block_size, "cpu")
+
+
+class Runner:
+    """Measures one configuration: in-process on CUDA (the allocator's peak is exact), in a
+    fresh process per configuration on CPU (peak RSS is per process)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.pool = None
+        if args.device == "cpu":
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "open_clip.loss", "pretrain.loss"])  # imported once
+            self.pool = ctx.Pool(1, maxtasksperchild=1)  # a new process for every task
+
+    def __call__(self, impl: str, d: int, world: int) -> dict[str, Any]:
+        a = self.args
+        if self.pool is None:
+            torch.cuda.empty_cache()
+            return measure(impl, a.batch, d, world, a.repeats, a.warmup, a.block_size, a.device)
+        return self.pool.apply(_child, (impl, a.batch, d, world, a.repeats, a.warmup, a.block_size, a.threads))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
 
 
 def main() -> None:
@@ -155,19 +180,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-check", action="store_true", help="skip the equivalence check")
-    p.add_argument("--one", nargs=3, metavar=("IMPL", "DIM", "WORLD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     require_open_clip()
-
-    if args.one:  # child process: one configuration, JSON on the last line
-        import json  # noqa: PLC0415
-
-        torch.ones(64, 64) @ torch.ones(64, 64)  # BLAS and thread pool loaded before the baseline
-        impl, d, world = args.one[0], int(args.one[1]), int(args.one[2])
-        print(json.dumps(measure(impl, args.batch, d, world, args.repeats, args.warmup, args.block_size,
-                                 args.device)))
-        return
 
     print(machine_line(args.device))
     print(f"# loss fwd+bwd of one rank's share, global batch {args.batch}, fp32, {args.warmup} warm-up + "
@@ -177,6 +192,7 @@ def main() -> None:
     headers = ["dim", "W", "b", "floor MiB", "open_clip s", "open_clip MiB", "ours s", "ours MiB",
                "mem ours/oc", "time ours/oc", "ours/floor", "target (W<=8)"]
     rows = []
+    runner = Runner(args)
     print("| " + " | ".join(headers) + " |", flush=True)
     for d in args.dims:
         for world in args.world_sizes:
@@ -187,7 +203,7 @@ def main() -> None:
                 if impl == "open_clip" and est > args.max_gib * (1 << 30):
                     res[impl] = None  # would not fit the budget: marked, not run
                     continue
-                res[impl] = run_one(args, impl, d, world)
+                res[impl] = runner(impl, d, world)
             oc, ours = res["open_clip"], res["ours"]
             floor = floor_bytes(args.batch, d)
             mem_r = ours["peak_bytes"] / oc["peak_bytes"] if oc and ours else None
@@ -207,6 +223,7 @@ def main() -> None:
                    f"{ours['peak_bytes'] / floor:.2f}", verdict]
             rows.append(row)
             print(md_table(headers, [row]).splitlines()[-1], flush=True)
+    runner.close()
     print()
     print(md_table(headers, rows))
 
