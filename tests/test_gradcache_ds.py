@@ -1,0 +1,169 @@
+"""Gradient caching under a real DeepSpeed engine: 2 gloo processes, ZeRO 0-3, non-reentrant
+gradient checkpointing on, against single-process uncached full-global-batch references.
+
+One spawn runs every case in the same two processes (start-up is the slow part):
+- global batch 24 = 2 ranks x 3 chunks of 4 (an odd accumulation count, so a 1/GAS scaling
+  slip cannot cancel out), plain "clip" loss, SGD lr 0.5: the reduced gradients read at the
+  boundary and the parameters after the step equal plain torch's full-batch gradients and
+  SGD step (fp32); ZeRO-2's "gradient computed twice" would raise inside the step;
+- the big-batch path of scripts/gradcache_32k.py scaled down 8x: global 4,096, 2 ranks x 4
+  chunks of 512, tiled loss, ZeRO-2, against the uncached full-batch gradient (one process,
+  all 4,096 samples' activations alive, plain loss);
+- plain-torch caching (no DeepSpeed) inside the gloo group, rank-averaged == full batch;
+- a NaN loss on one rank: no update on any rank; a chunk count that is not the engine's
+  accumulation count: a clear error.
+
+Run: `.venv/bin/python -m pytest -q tests/test_gradcache_ds.py`
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_harness import run_distributed
+from pretrain.gradcache.bigbatch import BigBatchSpec, build_model, ds_config, make_samples, run_rank
+from pretrain.loss import get_loss
+
+SMALL = BigBatchSpec(global_batch=24, chunk=4, loss="clip", zero_stage=1, lr=0.5, save_grads=True)
+BIG = BigBatchSpec(global_batch=4096, chunk=512, loss="clip_tiled", zero_stage=2, lr=0.5, save_grads=True)
+STAGES = (0, 1, 2, 3)
+
+
+def _nan_and_errors(rank: int) -> dict:
+    """ZeRO-2 engine: a NaN loss on rank 0 skips the update everywhere; bad chunk counts raise;
+    the next step works."""
+    import deepspeed
+
+    from pretrain.gradcache import gradcache_step, gradcache_train_step
+
+    spec = replace(SMALL, zero_stage=2)
+    model = build_model(spec)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                      config=ds_config(spec, 2))
+    images, tokens = make_samples(rank * 12, rank * 12 + 12, spec.image_size, spec.context_length, model.vocab_size)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    nan = gradcache_step(engine, images, tokens, get_loss("clip"), 4, inject_nan=rank == 0)
+    unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
+    errors = []
+    for chunk in (6, 3):  # 2 or 4 chunks against an engine that accumulates 3
+        try:
+            gradcache_step(engine, images, tokens, get_loss("clip"), chunk)
+        except ValueError as exn:
+            errors.append(str(exn))
+    micro = [{"images": images[i:i + 4], "tokens": tokens[i:i + 4]} for i in range(0, 12, 4)]
+    good = gradcache_train_step(engine, micro, get_loss("clip"))
+    return {"nan": nan, "unchanged": unchanged, "errors": errors, "good": good}
+
+
+def _plain_in_group(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """pretrain.gradcache.gradcache_backward on this rank's share, then the gradients averaged
+    over ranks (what DDP/DeepSpeed do)."""
+    from pretrain.gradcache import gradcache_backward
+
+    model = build_model(SMALL)
+    model.set_grad_checkpointing(True)
+    local = SMALL.global_batch // world
+    images, tokens = make_samples(rank * local, (rank + 1) * local, SMALL.image_size, SMALL.context_length,
+                                  model.vocab_size)
+    gradcache_backward(model, images, tokens, get_loss("clip"), chunk=4)
+    grads = {}
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        grads[name] = p.grad / world
+    return grads
+
+
+def _worker(rank: int, world: int) -> dict:
+    out: dict = {"times": {}}
+    for stage in STAGES:
+        t0 = time.perf_counter()
+        out[f"zero{stage}"] = run_rank(replace(SMALL, zero_stage=stage))
+        out["times"][f"zero{stage}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out["plain"] = _plain_in_group(rank, world)
+    out["nan"] = _nan_and_errors(rank)
+    out["times"]["plain+nan"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out["big"] = run_rank(BIG)
+    out["times"]["big"] = time.perf_counter() - t0
+    return out
+
+
+def _reference(spec: BigBatchSpec) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Uncached: one process, the whole global batch through the model (no checkpointing),
+    the plain loss, one backward; and the parameters after one SGD step."""
+    model = build_model(spec)
+    model.set_grad_checkpointing(False)
+    images, tokens = make_samples(0, spec.global_batch, spec.image_size, spec.context_length, model.vocab_size)
+    loss = get_loss("clip")(*model(images, tokens))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    params = {n: (p - spec.lr * p.grad).detach() for n, p in model.named_parameters()}
+    return float(loss.detach()), grads, params
+
+
+def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, rtol: float) -> float:
+    assert got.keys() == want.keys(), what
+    worst = 0.0
+    for k in want:
+        scale = float(want[k].abs().max()) + 1e-6
+        err = float((got[k] - want[k]).abs().max()) / scale
+        worst = max(worst, err)
+        assert err <= rtol, f"{what}: {k} max |diff| / max |ref| = {err:.3g}"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_distributed(_worker, 2, timeout_s=420)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("stage", STAGES)
+def test_cached_deepspeed_step_equals_full_batch(ranks: list[dict], stage: int) -> None:
+    ref_loss, ref_grads, ref_params = _reference(SMALL)
+    r0, r1 = ranks[0][f"zero{stage}"], ranks[1][f"zero{stage}"]
+    assert r0["applied"] and r1["applied"]
+    assert math.isclose(r0["loss"], ref_loss, rel_tol=1e-6)
+    assert r0["replay_max_diff"] == 0.0 and r1["replay_max_diff"] == 0.0
+    assert sum(float(g.abs().sum()) for g in ref_grads.values()) > 1.0
+    _assert_close(r0["grads"], ref_grads, f"ZeRO-{stage} gradients", 1e-5)
+    _assert_close(r0["params"], ref_params, f"ZeRO-{stage} parameters after SGD", 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_plain_caching_in_a_gloo_group(ranks: list[dict]) -> None:
+    _, ref_grads, _ = _reference(SMALL)
+    _assert_close(ranks[0]["plain"], ref_grads, "plain torch, rank-averaged", 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_nonfinite_loss_skips_and_bad_chunking_raises(ranks: list[dict]) -> None:
+    for r in ranks:
+        res = r["nan"]
+        assert res["nan"].loss_nonfinite and not res["nan"].applied
+        assert res["unchanged"]
+        assert len(res["errors"]) == 2 and all("accumulates 3" in e for e in res["errors"])
+        assert res["good"].applied and math.isfinite(res["good"].loss)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_big_batch_scaled_down_equals_uncached_full_batch(ranks: list[dict]) -> None:
+    """The 32k check of scripts/gradcache_32k.py at 4,096 (chunks of 512, tiled loss)."""
+    ref_loss, ref_grads, ref_params = _reference(BIG)
+    r0 = ranks[0]["big"]
+    assert r0["applied"] and r0["local_batch"] == 2048
+    assert math.isclose(r0["loss"], ref_loss, rel_tol=1e-5)
+    _assert_close(r0["grads"], ref_grads, "4k gradients", 1e-4)
+    _assert_close(r0["params"], ref_params, "4k parameters after SGD", 1e-4)
+    print("worker times (s):", {k: round(v, 1) for k, v in ranks[0]["times"].items()})
