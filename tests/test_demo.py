@@ -1,0 +1,120 @@
+"""The README's main job, shortened (same code path, fewer images and steps), with every
+stage's output checked and the MLflow run read back through a real ``mlflow server``'s REST API."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+pytestmark = [pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1, in its own process group (its workers
+    would otherwise outlive it), stopped after the module."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _rest(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.timeout(1200)
+def test_demo_end_to_end(tmp_path, mlflow_server):
+    out = tmp_path / "demo"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.demo", "--out", str(out), "--images", "600", "--steps", "30",
+         "--eval-limit", "300", "--shots", "1,2"],
+        env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    # 1. the embedded web: noise of every kind was injected and served
+    web = json.loads((out / "web" / "web.json").read_text())
+    assert all(v > 0 for k, v in web["noise"].items() if k != "boilerplate_caption"), web["noise"]
+
+    # 2. the data build: every URL row is kept or counted, broken URLs and images rejected
+    stats = json.loads((out / "data" / "stats.json").read_text())
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert stats["rows_in"] == web["n_rows"]
+    assert stats["unaccounted"] == 0 and stats["kept"] + stats["rejected"] == stats["rows_in"]
+    assert stats["counts"].get("download/http_error", 0) >= web["noise"]["missing_file"]
+    assert stats["counts"].get("decode/undecodable", 0) >= web["noise"]["truncated_jpeg"]
+    dups = stats["counts"].get("filter/duplicate_image", 0) + stats["counts"].get("filter/near_duplicate", 0)
+    assert dups >= web["noise"]["duplicate_url"] + web["noise"]["same_image_other_url"]
+    n = sum(1 for _ in wds.WebDataset(
+        [str(out / "data" / s["path"]) for s in manifest["shards"]], shardshuffle=False))
+    assert n == manifest["total_samples"] == stats["kept"] > 0.8 * 600
+
+    # 3. training: a complete checkpoint at the last step, metrics logged, loss went down
+    run = out / "run"
+    assert (run / "checkpoints" / "step_00000030" / "COMPLETE").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 30 and rows[-1]["loss"] < rows[0]["loss"]
+
+    # 4. evaluation on the held-out split, and the summary
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["zeroshot_n"] == 300 and 0.0 <= summary["zeroshot_top1"] <= 1.0
+    assert summary["zeroshot_top1"] > summary["chance"]  # 30 steps: above chance, not the full demo's 75%
+    assert summary["train_samples_per_s"] and summary["train_samples_per_s"] > 0
+    few = json.loads(next((out / "eval" / "few-shot").glob("*.json")).read_text())
+    assert set(few["shots"]) == {"1", "2"}
+    assert "dashboard:" in proc.stdout and mlflow_server in proc.stdout
+
+    # 5. the MLflow run, seen through the server's REST API
+    exps = _rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=clip-demo")
+    runs = _rest(mlflow_server, "/api/2.0/mlflow/runs/search",
+                 {"experiment_ids": [exps["experiment"]["experiment_id"]], "max_results": 10})["runs"]
+    assert len(runs) == 1
+    data = runs[0]["data"]
+    params = {p["key"]: p["value"] for p in data["params"]}
+    assert params["model.name"] == "ViT-tiny" and params["train.zero_stage"] == "1"
+    metrics = {m["key"]: m["value"] for m in data["metrics"]}
+    assert "loss" in metrics and "eval/zeroshot_top1" in metrics
+    hist = _rest(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={runs[0]['info']['run_id']}&metric_key=loss")
+    assert [m["step"] for m in hist["metrics"]][-1] == 30
