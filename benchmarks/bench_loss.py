@@ -16,7 +16,8 @@ Memory: on CUDA, torch.cuda.max_memory_allocated around the step; on CPU, every
 configuration runs in a fresh subprocess and reports its peak resident set (VmHWM, reset
 after the inputs are made) minus the resident set before the inputs were made (so it
 includes the inputs: local and gathered features), with glibc's mmap threshold fixed at
-1 MiB so that freed tensors leave the resident set (closer to a GPU allocator's live bytes). Configurations whose b x B logits would not fit in --max-gib are skipped and
+1 MiB so that freed tensors leave the resident set (closer to a GPU allocator's live
+bytes). Configurations whose b x B logits would not fit in --max-gib are skipped and
 marked. CPU times depend on the machine's load; compare rows measured in the same run.
 """
 
@@ -66,7 +67,9 @@ def floor_bytes(total: int, d: int) -> int:
     return 4 * total * d * 4
 
 
-def measure(loss: str, total: int, d: int, world: int, repeats: int, warmup: int, block: int | None, device: str) -> dict[str, Any]:
+def measure(
+    loss: str, total: int, d: int, world: int, repeats: int, warmup: int, block: int | None, device: str
+) -> dict[str, Any]:
     """Time and peak memory of `repeats` forward+backward steps of one rank's share."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -166,8 +169,8 @@ def main() -> None:
             ratios = (f"{tiled['peak_bytes'] / plain['peak_bytes']:9.3f} {tiled['time_s'] / plain['time_s']:10.2f}"
                       if plain and tiled else f"{'-':>9} {'-':>10}")
             over_floor = f"{tiled['peak_bytes'] / floor:11.2f}" if tiled else f"{'-':>11}"
-            print(f"{d:5d} {world:3d} {b:6d} {block:6d} {floor / MIB:9.0f} | {cells[0]} | {cells[1]} | {ratios} {over_floor}",
-                  flush=True)
+            head = f"{d:5d} {world:3d} {b:6d} {block:6d} {floor / MIB:9.0f}"
+            print(f"{head} | {cells[0]} | {cells[1]} | {ratios} {over_floor}", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,4 +81,7 @@ def gather_pair(
     dim, then split again): `(all_image, all_text, offset)`."""
     d = image_features.shape[1]
     both, offset = gather_features(torch.cat([image_features, text_features], dim=1))
-    return both[:, :d], both[:, d:], offset
+    # split (not two slices): its backward concatenates the two gradients once, where each
+    # slice's backward would allocate a zero-filled B x 2d buffer of its own
+    all_image, all_text = torch.split(both, [d, text_features.shape[1]], dim=1)
+    return all_image, all_text, offset

@@ -37,7 +37,9 @@ def auto_block_size(local_rows: int, global_rows: int) -> int:
     return max(1, min(global_rows, max(MIN_BLOCK_SIZE, BLOCK_ELEMENTS // max(local_rows, 1))))
 
 
-def _positives_in_block(b: int, offset: int, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _positives_in_block(
+    b: int, offset: int, start: int, stop: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, columns within the block) of the positive pairs that fall in columns
     [start, stop): row i's positive is global column offset + i."""
     lo, hi = max(start - offset, 0), min(stop - offset, b)
