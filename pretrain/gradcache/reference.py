@@ -56,12 +56,13 @@ def clip_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: float,
     return loss, g_image, g_text, g_scale
 
 
-def reference_grads(model: nn.Module, samples: SampleFn, n: int, chunk: int = 1024,
-                    block: int = 1024) -> tuple[float, dict[str, torch.Tensor]]:
-    """(loss, {param name: float64 gradient}) of the CLIP loss over samples 0..n-1 for a
-    float64 copy of `model` (train mode, no activation checkpointing). The model must be a
-    deterministic function of its inputs (no dropout, no train-mode BatchNorm)."""
-    ref = copy.deepcopy(model).double().train()
+def reference_grads(model: nn.Module, samples: SampleFn, n: int, chunk: int = 1024, block: int = 1024,
+                    dtype: torch.dtype = torch.float64) -> tuple[float, dict[str, torch.Tensor]]:
+    """(loss, {param name: gradient}) of the CLIP loss over samples 0..n-1 for a copy of
+    `model` in `dtype` (float64 by default; train mode, no activation checkpointing); the
+    loss gradient is float64 either way. The model must be a deterministic function of its
+    inputs (no dropout, no train-mode BatchNorm)."""
+    ref = copy.deepcopy(model).to(dtype).train()
     ref.set_grad_checkpointing(False)
     ref.zero_grad(set_to_none=True)
     starts = list(range(0, n, chunk))
@@ -69,7 +70,7 @@ def reference_grads(model: nn.Module, samples: SampleFn, n: int, chunk: int = 10
     with torch.no_grad():
         for s0 in starts:
             images, tokens = samples(s0, min(n, s0 + chunk))
-            img, txt, log_scale_exp = ref(images.double(), tokens)
+            img, txt, log_scale_exp = ref(images.to(dtype), tokens)
             feats_img.append(img)
             feats_txt.append(txt)
     scale = float(log_scale_exp)
@@ -78,10 +79,10 @@ def reference_grads(model: nn.Module, samples: SampleFn, n: int, chunk: int = 10
     for k, s0 in enumerate(starts):
         s1 = min(n, s0 + chunk)
         images, tokens = samples(s0, s1)
-        img, txt, sc = ref(images.double(), tokens)
-        outputs, grads = [img, txt], [g_img[s0:s1], g_txt[s0:s1]]
+        img, txt, sc = ref(images.to(dtype), tokens)
+        outputs, grads = [img, txt], [g_img[s0:s1].to(dtype), g_txt[s0:s1].to(dtype)]
         if k == 0:  # d exp(t) / dt flows through the model's own exp once
             outputs.append(sc)
-            grads.append(torch.tensor(g_scale, dtype=torch.float64))
+            grads.append(torch.tensor(g_scale, dtype=dtype))
         torch.autograd.backward(outputs, grads)
     return loss, {name: p.grad.detach().clone() for name, p in ref.named_parameters()}
