@@ -4,6 +4,7 @@
 # Both set up everything they need (virtualenv, packages, vocabulary) on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: setup test demo clean
 

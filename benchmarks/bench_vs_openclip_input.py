@@ -7,7 +7,7 @@ tokenizer open_clip_train picks for the model).
 
     .venv-bench/bin/python benchmarks/bench_vs_openclip_input.py [--workers 2]
         [--samples 3072] [--sizes 256,512] [--image-size 224] [--batch 64] [--repeats 2]
-        [--shard-dir /tmp/bench_input_shards]
+        [--shard-dir /tmp/bench_vs_openclip_shards]
 
 Shards: `make_bench_shards` of benchmarks/bench_input_pipeline.py (mosaics of real
 Fashion-MNIST images as px x px JPEGs with captions), so this and our own input benchmark
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="runs per side, alternating; best reported")
     ap.add_argument("--no-full-decode", action="store_true", help="skip ours with reduced decode off")
-    ap.add_argument("--shard-dir", default="/tmp/bench_input_shards")
+    ap.add_argument("--shard-dir", default="/tmp/bench_vs_openclip_shards")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     require_open_clip()

@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; best reported")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--work-dir", default=None, help="default: a fresh temporary directory")
-    ap.add_argument("--shard-dir", default="/tmp/bench_input_shards")
+    ap.add_argument("--shard-dir", default="/tmp/bench_vs_openclip_shards")
     ap.add_argument("--openclip-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+export NO_ALBUMENTATIONS_UPDATE=1  # albumentations (via img2dataset) phones home at import
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 STAMP="$VENV/.setup-done"

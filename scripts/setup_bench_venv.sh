@@ -19,6 +19,10 @@ STAMP="$VENV/.setup-done"
 TORCH_PIN="torch==2.14.1"
 VISION_PIN="torchvision==0.29.1"
 OPENCLIP_PIN="open-clip-torch==3.3.0"
+# open_clip's "training" extra pins webdataset<=0.2.86: open_clip_train's tar reader breaks on
+# the end-of-shard marker that later 0.2.x releases yield (KeyError 'fname'). 0.2.86 also
+# satisfies this project (>=0.2.86,<0.3) and img2dataset (<0.3).
+WDS_PIN="webdataset==0.2.86"
 
 if [ "$VENV" = ".venv" ]; then
   echo "[bench-setup] refusing to install open_clip into the project's .venv" >&2
@@ -37,10 +41,11 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]
   # open_clip_train's own data/training deps are its "training" extra; the ones the
   # benchmarks use (webdataset, braceexpand, pandas, fsspec) come with this project too.
   # The torch pins are repeated so that no resolver step swaps the torch build.
-  pip_q "$TORCH_PIN" "$VISION_PIN" "$OPENCLIP_PIN" -e .
+  pip_q "$TORCH_PIN" "$VISION_PIN" "$OPENCLIP_PIN" "$WDS_PIN" -e .
   "$VENV/bin/python" - <<'EOF'
 import importlib.util
 import open_clip, torch, torchvision, deepspeed, webdataset, pretrain  # noqa: F401
+assert webdataset.__version__ == "0.2.86", webdataset.__version__
 print(f"[bench-setup] torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"open_clip {open_clip.__version__}, open_clip_train "
       f"{'present' if importlib.util.find_spec('open_clip_train') else 'ABSENT'}")

@@ -77,7 +77,9 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctl_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge.sock
+# cred_expire: how long a revoked job credential blocks a requeued job from starting
+# again (Slurm holds it that long: EligibleTime = requeue + cred_expire); 120 s by default
+AuthInfo=socket={root}/munge.sock,cred_expire=15
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPidFile={root}/slurmctld.pid
@@ -176,18 +178,16 @@ class SlurmCluster:
         return self.wait_for(job, done, timeout, "finished" if restarts is None else f"finished attempt {restarts}",
                              poll=0.25)
 
-    def release_requeued(self, job: int, timeout: float = 60) -> dict[str, str]:
-        """Wait until `job` was requeued and is pending again, then lift Slurm's fixed hold on
-        requeued jobs (EligibleTime = now + ~2 min) so that the next attempt starts at once."""
+    def wait_requeued(self, job: int, timeout: float = 60) -> dict[str, str]:
+        """Wait until `job` was requeued and is pending again. It starts again by itself once
+        its old credential has expired (cred_expire above; forcing StartTime=now earlier
+        makes slurmd refuse the launch: "Job credential revoked")."""
         def requeued(info: dict[str, str]) -> bool:
             if info.get("JobState") in FINAL_STATES and info.get("Restarts") == "0":
                 raise SlurmError(f"job {job} ended ({info.get('JobState')}) without being requeued")
-            return info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) >= 1
+            return info.get("JobState") in ("PENDING", "RUNNING") and int(info.get("Restarts", "0")) >= 1
 
-        info = self.wait_for(job, requeued, timeout, "requeued", poll=0.1)
-        # the job may already have left PENDING by itself: then there is nothing to lift
-        self.cmd("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-        return info
+        return self.wait_for(job, requeued, timeout, "requeued", poll=0.2)
 
     def task_pids(self, job: int, procid: int, needle: str = "") -> list[int]:
         """Top processes of task `procid` of `job` whose command line contains `needle`

@@ -120,7 +120,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, work, st
     wait_for_checkpoint(slurm_cluster, job, run)
     # What `#SBATCH --signal=B:USR1@60` does at the time limit: USR1 to the batch shell only.
     slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(job))
-    slurm_cluster.release_requeued(job, timeout=90)
+    slurm_cluster.wait_requeued(job, timeout=90)
     info = slurm_cluster.wait_done(job, timeout=240, restarts=1)
     first, second = rank_log(work, name, job, 0, 0), rank_log(work, name, job, 1, 0)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", batch_log(work, name, job) + second[-3000:]

@@ -37,4 +37,18 @@ def build_engine(cfg: RunConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg, cpu_adam=uses_cpu_adam(cfg), guard=guards_nonfinite_in_optimizer(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    match_buffer_dtype(engine.module)
     return engine, ds_config
+
+
+def match_buffer_dtype(module: torch.nn.Module) -> None:
+    """DeepSpeed casts parameters to bf16/fp16 but leaves buffers in fp32; BatchNorm then
+    fails on mixed dtypes ("expected scalar type BFloat16 but found Float"). Cast floating
+    buffers (BatchNorm running statistics) to the parameters' dtype, as `model.half()` does."""
+    dtype = next(module.parameters()).dtype
+    if dtype == torch.float32:
+        return
+    for sub in module.modules():
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                setattr(sub, name, buf.to(dtype))
