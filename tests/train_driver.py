@@ -1,0 +1,147 @@
+"""Test helpers for the trainer: tiny run configs, the real `deepspeed` launcher, run-dir readers.
+
+    from train_driver import launch, tiny_overrides, caption_data
+    data = caption_data(tmp_path)                         # real Fashion-MNIST caption shards
+    run = launch(tmp_path / "run", tiny_overrides(data, steps=8), nprocs=2)
+    assert run.rc == 0, run.output
+
+`launch` starts `deepspeed --num_gpus N pretrain/run.py --key=value ...` (on CPU the
+launcher starts N gloo ranks) and waits; `start` returns the Popen for tests that signal the
+ranks mid-run (`rank_pids`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from dist_harness import free_port  # noqa: E402
+from shard_factory import make_caption_shards  # noqa: E402
+
+
+@dataclass
+class CaptionData:
+    train_manifest: Path
+    val_pattern: str
+    corrupted: list[str]
+
+
+def caption_data(root: Path, corrupt: bool = True) -> CaptionData:
+    """Training shards (4 x 48 Fashion-MNIST images with class captions; shard 2 truncated and
+    one corrupt JPEG when `corrupt`) and a 64-image validation shard from the test split."""
+    train = make_caption_shards(root / "train", n_shards=4, per_shard=48, image_px=32,
+                                corrupt={"jpeg": [5], "truncate": [2]} if corrupt else None)
+    val = make_caption_shards(root / "val", n_shards=1, per_shard=64, image_px=32, split="test", key_prefix="v")
+    return CaptionData(train.manifest, val.pattern, train.corrupted_keys)
+
+
+def tiny_overrides(data: CaptionData, *, model: str = "RN-tiny", stage: int = 1, precision: str = "fp32",
+                   steps: int = 12, global_batch: int = 16, micro_batch: int = 4, lr: float = 2e-3,
+                   extra: list[str] | None = None) -> list[str]:
+    """Command-line overrides of a small, learnable CPU run (no config file needed)."""
+    return [
+        f"--model.name={model}", "--model.overrides.image_size=32", "--model.grad_checkpointing=true",
+        f"--data.sources={data.train_manifest}",
+        f"--data.samples_per_epoch={global_batch * steps}", "--data.workers=1", "--data.shuffle_buffer=48",
+        f"--train.global_batch={global_batch}", f"--train.micro_batch={micro_batch}", "--train.epochs=1",
+        f"--train.zero_stage={stage}", f"--train.precision={precision}", f"--optimizer.lr={lr}",
+        "--schedule.warmup_steps=2", "--logging.every_steps=1", "--checkpoint.every_steps=0",
+        *(extra or []),
+    ]
+
+
+def base_config(extra: list[str] | None = None):
+    """A RunConfig for in-process tests (data paths are never opened)."""
+    from pretrain.config import load_config
+
+    return load_config(None, ["--output_dir=/nonexistent", "--data.sources=/nonexistent/{0..1}.tar",
+                              "--data.samples_per_epoch=64", *(extra or [])])
+
+
+@dataclass
+class Launch:
+    rc: int
+    output: str
+    run_dir: Path
+    seconds: float
+
+
+def _command(run_dir: Path, overrides: list[str], nprocs: int) -> list[str]:
+    return [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
+            str(REPO / "pretrain" / "run.py"), f"--output_dir={run_dir}", *overrides]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               NO_ALBUMENTATIONS_UPDATE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def start(run_dir: Path, overrides: list[str], nprocs: int = 2) -> subprocess.Popen:
+    """Start the launcher in its own process group; output is merged into stdout (text)."""
+    return subprocess.Popen(_command(run_dir, overrides, nprocs), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, run_dir: Path, started: float, timeout: float, output: str = "") -> Launch:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"launch timed out after {timeout} s:\n{output + out}") from None
+    return Launch(proc.returncode, output + out, run_dir, time.monotonic() - started)
+
+
+def launch(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: float = 300) -> Launch:
+    started = time.monotonic()
+    return finish(start(run_dir, overrides, nprocs), run_dir, started, timeout)
+
+
+def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """{local rank: pid} of the training processes under a launcher."""
+    out = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        for arg in cmd:
+            if arg.startswith("--local_rank=") and any(c.endswith("run.py") for c in cmd):
+                out[int(arg.split("=", 1)[1])] = child.pid
+    return out
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl as {step: record} (a re-run step after a resume: its last record)."""
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rows[rec["step"]] = rec
+    return rows
+
+
+def checkpoint_params(run_dir: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    from pretrain.train.checkpoint import consolidated_state_dict
+
+    return consolidated_state_dict(run_dir, tag)
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys=None) -> float:
+    keys = keys if keys is not None else a.keys()
+    assert set(keys) <= set(b), sorted(set(keys) - set(b))[:5]
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
