@@ -94,6 +94,8 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+# a requeued job becomes eligible by time, not by an event: look at pending jobs every second
+SchedulerParameters=sched_interval=1
 ReturnToService=2
 MpiDefault=none
 # tests: SIGKILL 5 s after SIGTERM, keep finished jobs visible to `scontrol show job`
