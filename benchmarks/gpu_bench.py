@@ -10,9 +10,9 @@ largest micro-batch of ViT-L/14 that fits, without and with gradient caching.
 Every measurement runs the project's real training path in a fresh child process (so one
 OOM or one allocator state never leaks into the next row): the run config
 (`pretrain.config`), the DeepSpeed engine (`pretrain.train.build.build_engine`, ZeRO-1, bf16),
-and the optimizer step (`pretrain.train.step.train_step`) with the "clip" loss, on one
-device. Inputs are synthetic tensors already on the device, so the numbers are the model's,
-not the input pipeline's.
+and the optimizer step (`pretrain.train.step.train_step`, or the cached step), on one
+device. Throughput rows use the "clip" loss on synthetic inputs already on the device, so
+the numbers are the model's, not the input pipeline's.
 
 MFU = samples/s x (3 x forward FLOPs per sample) / peak FLOP/s. Forward FLOPs are counted
 by `torch.utils.flop_counter.FlopCounterMode` on the real model (matmuls, convolutions,
@@ -21,17 +21,23 @@ under gradient checkpointing is NOT counted (the usual model-FLOPs convention), 
 checkpointing shows as a lower MFU. Peak: --peak-tflops, or the bf16 dense peak of a known
 device name (H100/H200 989, A100 312); unknown -> MFU not printed.
 
-Largest micro-batch: one optimizer step at micro-batch b (gradient checkpointing on, as the
-paper trains ViT-L/14), doubling b until a CUDA OOM, then bisecting to --granularity. The
-gradient-caching row needs a gradient-cache option in the run config (a `train.*cache*`
-field); without one it is skipped with a message. With --dry-run everything runs on CPU with
-ViT-tiny / RN-tiny, batch 8, 2 steps and --search-cap 16 (CPU never runs out of memory, so
-the search stops at the cap).
+Largest batch of ViT-L/14 (gradient checkpointing on, as the paper trains it; the tiled loss
+so that the loss never sets the limit; inputs on the host as the loader yields them):
+- without caching: the largest micro-batch for one optimizer step, doubling until a CUDA
+  OOM, then bisecting to --granularity;
+- with caching (`pretrain.gradcache.gradcache_train_step`, chunks of --cache-chunk): the
+  largest per-device global batch, doubling/bisecting in chunks up to --cache-cap; with
+  caching only the features and the chunk's activations grow, so time rather than memory
+  usually stops this search (then the cap is printed as ">= cap"). Skipped with a message
+  where pretrain.gradcache is absent.
+With --dry-run everything runs on CPU with ViT-tiny / RN-tiny, batch 8, 2 steps and caps
+of 16 (CPU never runs out of memory, so the searches stop at the caps).
+Expected time on one H100: ~2 min throughput, ~5-10 min for the two searches
+(`--only throughput|largest` runs one part).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -48,13 +54,14 @@ EOT = 49407  # end-of-text id: the text tower pools at the highest id
 
 
 # ----------------------------------------------------------------------- child side ---
-def grad_cache_field() -> str | None:
-    """The run config's gradient-cache switch, if the trainer has one (TrainConfig field
-    whose name contains "cache")."""
-    from pretrain.config.schema import TrainConfig  # noqa: PLC0415
-
-    names = [f.name for f in dataclasses.fields(TrainConfig) if "cache" in f.name]
-    return names[0] if names else None
+def gradcache_step() -> Callable[..., Any] | None:
+    """The project's gradient-caching step (`pretrain.gradcache.gradcache_train_step`, a
+    drop-in for train_step), or None where this checkout has none."""
+    try:
+        from pretrain.gradcache import gradcache_train_step  # noqa: PLC0415
+    except ImportError:
+        return None
+    return gradcache_train_step
 
 
 def child_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -83,32 +90,39 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
     dtype = next(model.parameters()).dtype
     gen = torch.Generator(device="cpu").manual_seed(0)
 
-    def batch(n: int) -> dict[str, torch.Tensor]:
+    def batch(n: int, where: Any = device) -> dict[str, torch.Tensor]:
         images = torch.randn(n, 3, model.image_size, model.image_size, generator=gen)
         tokens = torch.randint(1, EOT - 1, (n, model.context_length), generator=gen)
         tokens[:, -1] = EOT
-        return {"images": images.to(device, dtype), "tokens": tokens.to(device)}
+        return {"images": images.to(where, dtype), "tokens": tokens.to(where)}
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         probe = batch(2)
         model(probe["images"], probe["tokens"])
     fwd_flops = counter.get_total_flops() / 2
-    micro_batches = [batch(micro) for _ in range(total // micro)]
-    loss_fn = get_loss("clip")
+    # Throughput rows keep the inputs on the device (the model's speed, not the copy's);
+    # largest-batch rows keep them on the host as the trainer's loader does (train_step and
+    # the cached step move one micro-batch at a time), so inputs never count against memory.
+    host = spec.get("inputs_on_host", False)
+    micro_batches = [batch(micro, "cpu" if host else device) for _ in range(total // micro)]
+    loss_fn = get_loss(spec.get("loss", "clip"))
+    step_fn = gradcache_step() if spec.get("gradcache") else train_step
+    if step_fn is None:
+        raise RuntimeError("gradient caching asked for, but pretrain.gradcache is missing")
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     out: dict[str, Any] = {"fwd_flops_per_sample": fwd_flops}
     try:
         for _ in range(spec["warmup"]):
-            train_step(engine, micro_batches, loss_fn)
+            step_fn(engine, micro_batches, loss_fn)
         if cuda:
             torch.cuda.synchronize()
         import time  # noqa: PLC0415
 
         t0 = time.perf_counter()
         for _ in range(spec["steps"]):
-            step = train_step(engine, micro_batches, loss_fn)
+            step = step_fn(engine, micro_batches, loss_fn)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -177,28 +191,29 @@ LARGEST_HEADERS = ["model", "gradient caching", "largest micro-batch that fits",
 
 
 def largest_rows(args: argparse.Namespace, model: str) -> list[list[Any]]:
-    base = {"model": model, "ckpt": True, "precision": args.precision, "steps": 1, "warmup": 1,
-            "out_dir": args.out_dir}
+    # One step is enough to know whether it fits; gradient checkpointing on (the paper's
+    # ViT-L/14 setting); the tiled loss, so the loss itself never sets the limit.
+    base = {"model": model, "ckpt": True, "precision": args.precision, "steps": 1, "warmup": 0,
+            "out_dir": args.out_dir, "inputs_on_host": True, "loss": "clip_tiled"}
 
     def fits_plain(b: int) -> bool:
         return bool(run_spec({**base, "micro_batch": b, "global_batch": b})["fits"])
 
     b, capped = largest_fitting(fits_plain, args.search_start, args.search_cap, args.granularity)
-    rows = [[model, "off", f">= {b}" if capped else b, "search stopped at --search-cap" if capped else "grad ckpt on"]]
-    field = grad_cache_field()
-    if field is None:
-        rows.append([model, "on", "skipped", "pretrain.train has no gradient-cache option yet "
-                     "(no train.*cache* field in the run config)"])
+    rows = [[model, "off", f">= {b}" if capped else b,
+             "search stopped at --search-cap" if capped else "micro-batch = per-device batch; grad ckpt on"]]
+    if gradcache_step() is None:
+        rows.append([model, "on", "skipped", "pretrain.gradcache (gradient caching) is not in this checkout"])
     else:
-        # Caching: micro-batches of --cache-chunk, the loss over the whole global batch b.
+        # Caching: chunks of --cache-chunk; the per-device global batch b sees all of itself.
         def fits_cached(b: int) -> bool:
-            extra = [f"--train.{field}=true"]
-            return bool(run_spec({**base, "micro_batch": args.cache_chunk, "global_batch": b, "extra": extra})["fits"])
+            spec = {**base, "micro_batch": args.cache_chunk, "global_batch": b, "gradcache": True}
+            return bool(run_spec(spec)["fits"])
 
-        start = max(args.cache_chunk, args.search_start)
-        b, capped = largest_fitting(fits_cached, start, args.search_cap, args.cache_chunk)
-        rows.append([model, f"on (train.{field}, chunk {args.cache_chunk})", f">= {b}" if capped else b,
-                     "global batch per device; grad ckpt on"])
+        b, capped = largest_fitting(fits_cached, args.cache_chunk * 2, args.cache_cap, args.cache_chunk)
+        rows.append([model, f"on (chunk {args.cache_chunk})", f">= {b}" if capped else b,
+                     ("search stopped at --cache-cap (time, not memory, bounds it)" if capped else
+                      "per-device global batch, in chunks; grad ckpt on")])
     for r in rows:
         print(md_table(LARGEST_HEADERS, [r]).splitlines()[-1], flush=True)
     return rows
@@ -215,7 +230,9 @@ def main() -> None:
     ap.add_argument("--search-start", type=int, default=None, help="first micro-batch tried (default 64; dry 2)")
     ap.add_argument("--search-cap", type=int, default=None, help="largest micro-batch tried (default 4096; dry 16)")
     ap.add_argument("--granularity", type=int, default=None, help="bisection step (default 16; dry 2)")
-    ap.add_argument("--cache-chunk", type=int, default=None, help="micro-batch with caching (default 256; dry 4)")
+    ap.add_argument("--cache-chunk", type=int, default=None, help="chunk with caching (default 256; dry 4)")
+    ap.add_argument("--cache-cap", type=int, default=None,
+                    help="largest per-device batch tried with caching (default 32768; dry 16)")
     ap.add_argument("--only", choices=["throughput", "largest"], default=None)
     ap.add_argument("--out-dir", default="/tmp/gpu_bench_run")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -232,8 +249,10 @@ def main() -> None:
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU, or pass --dry-run to check the script on CPU")
-    defaults = dict(batch=8, steps=2, warmup=1, search_start=2, search_cap=16, granularity=2, cache_chunk=4) if dry \
-        else dict(batch=256, steps=10, warmup=3, search_start=64, search_cap=4096, granularity=16, cache_chunk=256)
+    defaults = dict(batch=8, steps=2, warmup=1, search_start=2, search_cap=16, granularity=2, cache_chunk=4,
+                    cache_cap=16) if dry \
+        else dict(batch=256, steps=10, warmup=3, search_start=64, search_cap=4096, granularity=16, cache_chunk=256,
+                    cache_cap=32768)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
