@@ -7,8 +7,8 @@ the merged configs of every template to a real `deepspeed.initialize` and trains
 Optimizer offload is exercised there with a client torch AdamW
 (`zero_force_ds_cpu_optimizer: false`), which needs no compiled op. The default offload
 optimizer, DeepSpeedCPUAdam, JIT-builds a C++ op on first use (~93 s on 2 cores, MACHINE.md),
-too slow for every CI run: `test_offload_with_deepspeed_cpu_adam` runs when that op is already
-in the torch-extensions cache or when CLIP_TEST_CPU_ADAM=1 asks for the build.
+too slow for every CI run: tests/test_train_step.py adds a DeepSpeedCPUAdam configuration when
+that op is already in the torch-extensions cache or when CLIP_TEST_CPU_ADAM=1 asks for the build.
 
 Run: `.venv/bin/python -m pytest -q tests/test_ds_configs.py`.
 """
@@ -16,7 +16,6 @@ Run: `.venv/bin/python -m pytest -q tests/test_ds_configs.py`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -103,36 +102,3 @@ def test_every_template_is_used_by_a_real_engine():
     for _, extra in CONFIGS:
         used.update(template_names(base_config(COMMON + extra)))
     assert used == set(ALL_TEMPLATES), f"templates never handed to deepspeed.initialize: {set(ALL_TEMPLATES) - used}"
-
-
-def _cpu_adam_built() -> bool:
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    return any(root.glob("*/cpu_adam/cpu_adam*.so"))
-
-
-def _cpu_adam_work(rank: int, world: int) -> tuple[bool, float]:
-    import torch
-
-    from pretrain.loss import get_loss
-    from pretrain.train.build import build_engine
-    from pretrain.train.step import train_step
-
-    cfg = base_config(["--train.zero_stage=2", "--train.offload_optimizer=true", "--model.name=RN-tiny",
-                       "--model.overrides.image_size=32", "--train.global_batch=4", "--train.micro_batch=2"])
-    engine, _ = build_engine(cfg, world)
-    assert type(engine.optimizer.optimizer).__name__ == "DeepSpeedCPUAdam"
-    g = torch.Generator().manual_seed(rank)
-    out = train_step(engine, [{"images": torch.randn(2, 3, 32, 32, generator=g),
-                               "tokens": torch.randint(1, 49406, (2, 77), generator=g)}], get_loss("clip"))
-    return out.applied, out.loss
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.skipif(not (_cpu_adam_built() or os.environ.get("CLIP_TEST_CPU_ADAM") == "1"),
-                    reason="DeepSpeedCPUAdam op not built (set CLIP_TEST_CPU_ADAM=1 to build it, ~93 s)")
-def test_offload_with_deepspeed_cpu_adam():
-    from dist_harness import run_distributed
-
-    results = run_distributed(_cpu_adam_work, 2, init_group=False, timeout_s=600)
-    assert all(applied for applied, _ in results)

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,11 @@ class CaptionData:
 
 
 def caption_data(root: Path, corrupt: bool = True) -> CaptionData:
-    """Training shards (4 x 48 Fashion-MNIST images with class captions; shard 2 truncated and
-    one corrupt JPEG when `corrupt`) and a 64-image validation shard from the test split."""
+    """Training shards (4 x 48 Fashion-MNIST images with class captions; with `corrupt`, shard
+    2 truncated mid-member and one corrupt JPEG in each shard) and a 64-image validation
+    shard from the test split."""
     train = make_caption_shards(root / "train", n_shards=4, per_shard=48, image_px=32,
-                                corrupt={"jpeg": [5], "truncate": [2]} if corrupt else None)
+                                corrupt={"jpeg": [5, 60, 110, 170], "truncate": [2]} if corrupt else None)
     val = make_caption_shards(root / "val", n_shards=1, per_shard=64, image_px=32, split="test", key_prefix="v")
     return CaptionData(train.manifest, val.pattern, train.corrupted_keys)
 
@@ -61,6 +63,14 @@ def tiny_overrides(data: CaptionData, *, model: str = "RN-tiny", stage: int = 1,
         "--schedule.warmup_steps=2", "--logging.every_steps=1", "--checkpoint.every_steps=0",
         *(extra or []),
     ]
+
+
+def cpu_adam_available() -> bool:
+    """DeepSpeedCPUAdam's op is already built (or CLIP_TEST_CPU_ADAM=1 allows the ~93 s build)."""
+    if os.environ.get("CLIP_TEST_CPU_ADAM") == "1":
+        return True
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    return any(root.glob("*cpu*/cpu_adam/cpu_adam*.so"))
 
 
 def base_config(extra: list[str] | None = None):
@@ -98,13 +108,18 @@ def start(run_dir: Path, overrides: list[str], nprocs: int = 2) -> subprocess.Po
 
 
 def finish(proc: subprocess.Popen, run_dir: Path, started: float, timeout: float, output: str = "") -> Launch:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    """Read the rest of the output (through the same buffered reader that `read_until`-style
+    callers used, so nothing read ahead is lost) and wait; kill the job on timeout."""
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"launch timed out after {timeout} s:\n{output + out}") from None
-    return Launch(proc.returncode, output + out, run_dir, time.monotonic() - started)
+        reader.join(30)
+        raise AssertionError(f"launch timed out after {timeout} s:\n{(output + ''.join(box))[-6000:]}")
+    proc.wait()
+    return Launch(proc.returncode, output + "".join(box), run_dir, time.monotonic() - started)
 
 
 def launch(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: float = 300) -> Launch:
@@ -113,15 +128,19 @@ def launch(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: float 
 
 
 def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
-    """{local rank: pid} of the training processes under a launcher."""
+    """{local rank: pid} of the training processes under a launcher (not their DataLoader
+    workers, which are forks with the same command line)."""
     out = {}
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            cmd = child.cmdline()
-        except psutil.Error:
+            cmd, parent_cmd = child.cmdline(), child.parent().cmdline()
+        except (psutil.Error, AttributeError):
+            continue
+        is_rank = any(c.endswith("run.py") for c in cmd) and any(c.startswith("--local_rank=") for c in cmd)
+        if not is_rank or any(c.startswith("--local_rank=") for c in parent_cmd):
             continue
         for arg in cmd:
-            if arg.startswith("--local_rank=") and any(c.endswith("run.py") for c in cmd):
+            if arg.startswith("--local_rank="):
                 out[int(arg.split("=", 1)[1])] = child.pid
     return out
 
@@ -144,4 +163,4 @@ def checkpoint_params(run_dir: Path, tag: str | None = None) -> dict[str, torch.
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys=None) -> float:
     keys = keys if keys is not None else a.keys()
     assert set(keys) <= set(b), sorted(set(keys) - set(b))[:5]
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
+    return max(float((a[k].detach().float() - b[k].detach().float()).abs().max()) for k in keys)

@@ -128,7 +128,6 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # this many skipped steps in a row stop the run
     logit_scale_max: float = 100.0  # exp(t) is clamped to this after every step
     debug_nan_at_steps: list[int] = field(default_factory=list)  # test hook: NaN loss on rank 0 at these steps
-    debug_kill_at_step: int = 0  # test hook: every rank SIGKILLs itself after this step (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be >= 1")
@@ -155,7 +154,6 @@ class TrainConfig:
         _check(self.loss in list_losses(), f"train.loss {self.loss!r} is unknown; choose one of {list_losses()}")
         _check(self.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1")
         _check(self.logit_scale_max > 1, "train.logit_scale_max must be > 1")
-        _check(self.debug_kill_at_step >= 0, "train.debug_kill_at_step must be >= 0")
 
     @property
     def max_logit_log_scale(self) -> float:

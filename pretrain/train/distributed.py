@@ -67,11 +67,10 @@ def detect_env(local_rank_arg: int | None = None) -> DistEnv:
 
 
 def setup_logging(rank: int) -> None:
-    """Rank 0 logs INFO to stdout, the others WARNING; DeepSpeed's own chatter is quieted."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
+    """This project's loggers: INFO on rank 0, WARNING elsewhere; other libraries WARNING."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
                         format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def init(env: DistEnv, timeout_s: int) -> torch.device:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -160,9 +158,6 @@ def _loop(cfg: RunConfig, env: DistEnv, device: torch.device, engine, state: Tra
                 tracker.log_metrics(results, state.step)
                 if env.is_main:
                     tracker.log_artifact(evaluator.result_path(state.step), "eval")
-            if t.debug_kill_at_step and state.step == t.debug_kill_at_step:
-                log.warning("debug_kill_at_step: killing rank %d at step %d", env.rank, state.step)
-                os.kill(os.getpid(), signal.SIGKILL)
         if state.step_in_epoch >= per_epoch:
             state.epoch += 1
             state.step_in_epoch = 0
