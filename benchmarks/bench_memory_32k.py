@@ -19,6 +19,24 @@ processes matter: freed memory stays in malloc's arenas and would inflate a late
 measurement. On CUDA the worker reports torch.cuda.max_memory_allocated instead.
 The uncached row stops before a size whose projected memory (linear in the batch, from the
 last two measurements, summed over the ranks) exceeds --max-gib: the machine is shared.
+
+Measured 2026-11-27, 2-core / 24 GiB CPU box shared with other jobs (step times are loose),
+peak GiB per process (rank 0 / rank 1); "delta" = what the step added above the resident set
+just before it (interpreter, torch, DeepSpeed, model, inputs: 0.55-0.9 GiB):
+
+grad checkpointing on (default)           | grad checkpointing off (--no-grad-checkpointing)
+batch  cached (delta)     uncached (delta) | cached (delta)     uncached (delta)
+ 1024  0.67/0.68 (0.13)   0.67/0.70 (0.16) | 0.77/0.75 (0.22)   0.74/0.77 (0.23)
+ 2048  0.80/0.80 (0.25)   0.80/0.79 (0.24) | 0.94/0.98 (0.42)   0.91/0.95 (0.39)
+ 4096  0.86/0.82 (0.29)   0.95/0.93 (0.37) | 1.01/1.02 (0.44)   1.25/1.26 (0.68)
+ 8192  0.89/0.87 (0.26)   1.35/1.46 (0.83) | 1.06/1.06 (0.44)   1.94/1.93 (1.32)
+16384  0.96/0.95 (0.24)   1.88/1.90 (1.18) | 1.14/1.12 (0.42)   stopped (projected 6.6 GiB)
+32768  1.14/1.09 (0.23)   2.91/2.92 (2.01) | 1.28/1.24 (0.38)   stopped
+Cached: the step's own memory is flat (one chunk's activations); the slow growth of the
+peak is the rank's inputs (16,384 images of 3x32x32 fp32 = 0.2 GiB at 32k). Uncached at 32k
+needs 2.6x the cached peak with checkpointing; without it, the uncached rows stop at 8k.
+Cached step time is about 1.1-2x uncached (one extra no-grad forward per chunk plus
+per-chunk overhead; see the script's output for the run's numbers).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ One spawn runs every case in the same two processes (start-up is the slow part):
 - a NaN loss on one rank: no update on any rank; a chunk count that is not the engine's
   accumulation count: a clear error;
 - engines built by the trainer (pretrain.train.build): two AdamW steps with caching equal
-  two uncached `train_step`s over the same per-rank samples; bf16 + BatchNorm runs.
+  two uncached `train_step`s over the same per-rank samples; bf16 + BatchNorm and fp16 run.
 
 Run: `.venv/bin/python -m pytest -q tests/test_gradcache_ds.py`
 """
@@ -88,6 +88,7 @@ TRAINER = ["--model.overrides.image_size=32", "--model.grad_checkpointing=true",
 TRAINER_CASES = [
     ("z2_fp32_vit", ["--model.name=ViT-tiny", "--train.zero_stage=2"], ("cached", "uncached")),
     ("z1_bf16_rn", ["--model.name=RN-tiny", "--train.zero_stage=1", "--train.precision=bf16"], ("cached",)),
+    ("z2_fp16_vit", ["--model.name=ViT-tiny", "--train.zero_stage=2", "--train.precision=fp16"], ("cached",)),
 ]
 
 
@@ -221,6 +222,10 @@ def test_on_the_trainers_engines(ranks: list[dict]) -> None:
         for out in r["trainer"]["z1_bf16_rn/cached"]["steps"]:
             assert out.applied and math.isfinite(out.loss) and not out.loss_nonfinite
             assert out.replay_max_diff == 0.0
+        # fp16: DeepSpeed's dynamic loss scaler scales the surrogate; its first steps may be
+        # skipped as overflows by design (initial scale 2^16), but the loss stays finite.
+        for out in r["trainer"]["z2_fp16_vit/cached"]["steps"]:
+            assert math.isfinite(out.loss) and not out.loss_nonfinite and out.replay_max_diff == 0.0
 
 
 @pytest.mark.slow
