@@ -35,8 +35,8 @@ batch  cached (delta)     uncached (delta) | cached (delta)     uncached (delta)
 Cached: the step's own memory is flat (one chunk's activations); the slow growth of the
 peak is the rank's inputs (16,384 images of 3x32x32 fp32 = 0.2 GiB at 32k). Uncached at 32k
 needs 2.6x the cached peak with checkpointing; without it, the uncached rows stop at 8k.
-Cached step time is about 1.1-2x uncached (one extra no-grad forward per chunk plus
-per-chunk overhead; see the script's output for the run's numbers).
+Step times (printed in the table) ran 0.7x to 2.4x the uncached ones in these noisy runs;
+the expected cost is one extra no-grad forward per chunk (about 1.3x).
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def main() -> int:
           f"chunks of {args.chunk}, ZeRO-{args.zero_stage}, loss {r0['spec']['loss']}, device {r0['device']}")
     for r in ranks:
         print(f"  rank {r['rank']}: step {r['step_s']:.1f} s, loss {r['loss']:.6f}, applied {r['applied']}, "
-              f"replay max diff {r['replay_max_diff']:.3g}, RSS before step {r['rss_before_step_bytes'] / GIB:.2f} GiB, "
-              f"peak during step {r['step_peak_bytes'] / GIB:.2f} GiB ({r['threads']} threads)")
+              f"replay max diff {r['replay_max_diff']:.3g}, "
+              f"RSS before step {r['rss_before_step_bytes'] / GIB:.2f} GiB, peak during step {r['step_peak_bytes'] / GIB:.2f} GiB ({r['threads']} threads)")
     print(f"  launcher wall time {launch_s:.1f} s (start-up included)")
 
     spec = BigBatchSpec(**r0["spec"])

@@ -59,14 +59,16 @@ def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
     assert sum(float(g.abs().sum()) for g in want.values()) > 1.0
 
 
-def full_batch_grads(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, loss_name: str) -> tuple[float, dict]:
+def full_batch_grads(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                     loss_name: str) -> tuple[float, dict]:
     model.zero_grad(set_to_none=True)
     loss = get_loss(loss_name)(*model(images, tokens))
     loss.backward()
     return float(loss.detach()), grads_of(model)
 
 
-def chunked_uncached_grads(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, chunk: int) -> tuple[float, dict]:
+def chunked_uncached_grads(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                           chunk: int) -> tuple[float, dict]:
     """Every chunk forward with gradients (activations of all chunks alive), one backward."""
     model.zero_grad(set_to_none=True)
     outs = [model(c.images, c.tokens) for c in split_batch(images, tokens, chunk)]

@@ -7,6 +7,9 @@ sample seeing all global negatives and gradients equal to the uncached computati
 
 core.py holds the algorithm, replay.py what makes the second forward identical to the
 first (RNG state, BatchNorm buffers), plain.py and engine.py the two wrappers.
+bigbatch.py is the per-rank worker of the 32k check and the memory benchmark
+(scripts/gradcache_32k.py, benchmarks/bench_memory_32k.py); reference.py their
+independent float64 reference gradient.
 Run the tests: `.venv/bin/python -m pytest -q tests/test_gradcache.py tests/test_gradcache_ds.py`.
 """
 

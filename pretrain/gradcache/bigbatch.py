@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     env = detect_env(a.local_rank)
     if not torch.cuda.is_available():
         # ranks share the host's cores: one share each, no oversubscription
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))))
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     init(env, timeout_s=3600)
     result = run_rank(spec)
     out = Path(a.out)

@@ -135,8 +135,9 @@ def replay_backward(forward: Forward, chunks: Sequence[Chunk], cache: FeatureCac
     """
     if [len(c) for c in chunks] != cache.sizes:
         raise ValueError(f"chunks of sizes {[len(c) for c in chunks]} do not match the cached {cache.sizes}")
-    worst, start = 0.0, 0
+    start = 0
     zero = torch.zeros_like(grads.logit_scale)
+    worst = torch.zeros((), dtype=cache.image.dtype, device=cache.image.device)  # on device: no sync per chunk
     with preserved_buffers(module):
         try:
             for k, chunk in enumerate(chunks):
@@ -144,8 +145,8 @@ def replay_backward(forward: Forward, chunks: Sequence[Chunk], cache: FeatureCac
                 cache.rng[k].restore()
                 img, txt, scale = forward(chunk.images, chunk.tokens)
                 with torch.no_grad():
-                    worst = max(worst, float((img.float() - cache.image[start:stop]).abs().max()),
-                                float((txt.float() - cache.text[start:stop]).abs().max()))
+                    worst = torch.maximum(worst, (img.float() - cache.image[start:stop]).abs().max())
+                    worst = torch.maximum(worst, (txt.float() - cache.text[start:stop]).abs().max())
                 g_scale = grads.logit_scale if k == 0 else zero
                 loss = surrogate(img, txt, scale, grads.image[start:stop], grads.text[start:stop], g_scale)
                 del img, txt, scale  # the graph holds what backward needs
@@ -153,4 +154,4 @@ def replay_backward(forward: Forward, chunks: Sequence[Chunk], cache: FeatureCac
                 start = stop
         finally:
             cache.rng_after.restore()
-    return worst
+    return float(worst)
