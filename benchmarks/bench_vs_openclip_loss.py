@@ -5,7 +5,7 @@ backward of ONE rank's share at global batch B, for simulated world sizes W.
     .venv-bench/bin/python benchmarks/bench_vs_openclip_loss.py              # full: B=32768
     .venv-bench/bin/python benchmarks/bench_vs_openclip_loss.py --batch 8192 # CPU-sized
         [--dims 512 1024] [--world-sizes 1 2 4 8 16 32 64] [--repeats 1] [--warmup 1]
-        [--max-gib 8] [--threads 2] [--device cpu|cuda]
+        [--max-gib GiB] [--threads 2] [--device cpu|cuda]
 
 Simulated world size W: one process computes what rank 0 of W computes, b = B / W local
 rows against the B gathered rows. Both losses are called through their public entry
@@ -176,7 +176,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed steps per configuration (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--block-size", type=int, default=None, help="ours: columns per block (default: auto)")
-    p.add_argument("--max-gib", type=float, default=8.0, help="skip open_clip rows estimated above this")
+    p.add_argument("--max-gib", type=float, default=None,
+                   help="skip open_clip rows estimated above this (default: 8 on CPU, 90%% of the GPU's memory)")
     p.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-check", action="store_true", help="skip the equivalence check")
@@ -184,6 +185,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     require_open_clip()
 
+    if args.max_gib is None:
+        args.max_gib = 8.0 if args.device == "cpu" else 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
     print(machine_line(args.device))
     print(f"# loss fwd+bwd of one rank's share, global batch {args.batch}, fp32, {args.warmup} warm-up + "
           f"{args.repeats} timed step(s); memory = peak above the pre-input level, inputs included")
