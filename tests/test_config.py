@@ -132,3 +132,16 @@ def test_lr_schedule_is_linear_warmup_then_cosine():
     assert lrs[4:] == pytest.approx(expected)
     assert lrs[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def test_example_config_lists_every_key_with_its_default():
+    from pretrain.config import RunConfig, to_dict
+    from train_driver import REPO
+
+    path = REPO / "pretrain" / "train" / "example_run.yaml"
+    cfg = load_config(path)
+    example = yaml.safe_load(path.read_text())
+    defaults = to_dict(RunConfig(output_dir="x", data=cfg.data))
+    for section, fields in defaults.items():
+        if isinstance(fields, dict):
+            assert set(example[section]) == set(fields), section

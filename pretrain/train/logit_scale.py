@@ -4,7 +4,8 @@ With ZeRO (and bf16/fp16) the module's parameter is only a low-precision working
 optimizer updates an fp32 master copy and overwrites the module's copy from it at the next
 step. Clamping the module parameter alone would be undone, so both copies are clamped,
 through DeepSpeed's public safe_*_fp32_param API:
-- ZeRO-3: each rank clamps its local partition (master and working copy; no collective);
+- ZeRO-3: each rank clamps its local partition (master and working copy) and the gathered
+  copy of a persistent parameter (no collective);
 - ZeRO-1/2: the full fp32 master value is read (a tiny all-reduce), clamped and written back,
   and the replicated working copy is clamped in place;
 - ZeRO-0 fp32: there is no master copy; the parameter is clamped in place.
@@ -27,6 +28,9 @@ def clamp_logit_scale(param: torch.nn.Parameter, max_log: float) -> None:
         if local is not None:
             safe_set_local_fp32_param(param, local.clamp(max=max_log))
         param.ds_tensor.data.clamp_(max=max_log)
+        # A small parameter stays gathered between steps (stage3_param_persistence_threshold):
+        # its full working copy is then what the next forward reads (empty when partitioned).
+        param.data.clamp_(max=max_log)
         return
     master = safe_get_full_fp32_param(param)
     if master is not None:

@@ -69,7 +69,7 @@ def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
         tracker.log_artifact(run_dir / "run_config.yaml")
         tracker.log_artifact(run_dir / "ds_config.json")
     try:
-        code, status = _loop(cfg, env, device, engine, state, tracker, preempt, run_dir, accum)
+        code, status = _Trainer(cfg, env, device, engine, state, tracker, run_dir, accum).run(preempt)
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -77,90 +77,113 @@ def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
     return code
 
 
-def _loop(cfg: RunConfig, env: DistEnv, device: torch.device, engine, state: TrainState, tracker: Tracker,
-          preempt: PreemptionFlag, run_dir: Path, accum: int) -> tuple[int, str]:
-    t = cfg.train
-    total, per_epoch = cfg.total_steps(), cfg.steps_per_epoch()
-    tokenizer = default_tokenizer()
-    loss_fn = get_loss(t.loss, **t.loss_options)
-    evaluator = PeriodicEval(cfg, tokenizer, run_dir, env.rank)
-    sources = [DataSource(s.url, s.weight) for s in cfg.data.sources]
-    module = engine.module
-    meter = WindowMeter()
-    metrics_file = run_dir / "metrics.jsonl"
+class _Trainer:
+    """The loop's working set; one method per phase of a step."""
 
-    def save() -> None:
-        ckpt.save(engine, run_dir, state.step, state.client_state(), cfg.checkpoint.keep_last)
+    def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device, engine, state: TrainState,
+                 tracker: Tracker, run_dir: Path, accum: int) -> None:
+        self.cfg, self.env, self.device, self.engine, self.state = cfg, env, device, engine, state
+        self.tracker, self.run_dir, self.accum = tracker, run_dir, accum
+        self.total, self.per_epoch = cfg.total_steps(), cfg.steps_per_epoch()
+        self.tokenizer = default_tokenizer()
+        self.loss_fn = get_loss(cfg.train.loss, **cfg.train.loss_options)
+        self.evaluator = PeriodicEval(cfg, self.tokenizer, run_dir, env.rank)
+        self.meter = WindowMeter()
 
-    log.info("training steps %d..%d of %d (%d per epoch, grad accumulation %d, world size %d)",
-             state.step + 1, total, total, per_epoch, accum, env.world_size)
-    while state.step < total:
-        loader = make_train_loader(
-            sources, tokenizer=tokenizer, image_size=module.image_size, micro_batch=t.micro_batch,
-            num_workers=cfg.data.workers, seed=t.seed, epoch=state.epoch, rank=env.rank,
-            world_size=env.world_size, steps=per_epoch * accum, start_step=state.step_in_epoch * accum,
+    def run(self, preempt: PreemptionFlag) -> tuple[int, str]:
+        state = self.state
+        log.info("training steps %d..%d of %d (%d per epoch, grad accumulation %d, world size %d)",
+                 state.step + 1, self.total, self.total, self.per_epoch, self.accum, self.env.world_size)
+        while state.step < self.total:
+            batches = iter(self._loader())
+            try:
+                while state.step_in_epoch < self.per_epoch and state.step < self.total:
+                    if preempt.requested(self.device):
+                        self.save()
+                        log.warning("preempted: checkpoint saved at step %d", state.step)
+                        return 0, "KILLED"
+                    self._step(batches)
+                    self._after_step()
+            finally:
+                batches.close()  # stops this epoch's DataLoader workers, also on an early return
+            if state.step_in_epoch >= self.per_epoch:
+                state.epoch += 1
+                state.step_in_epoch = 0
+        log.info("training finished at step %d", state.step)
+        return 0, "FINISHED"
+
+    def save(self) -> None:
+        ckpt.save(self.engine, self.run_dir, self.state.step, self.state.client_state(),
+                  self.cfg.checkpoint.keep_last)
+
+    def _loader(self):
+        """This rank's loader for the current epoch, starting at the saved stream position."""
+        cfg, t, module = self.cfg, self.cfg.train, self.engine.module
+        return make_train_loader(
+            [DataSource(s.url, s.weight) for s in cfg.data.sources], tokenizer=self.tokenizer,
+            image_size=module.image_size, micro_batch=t.micro_batch, num_workers=cfg.data.workers, seed=t.seed,
+            epoch=self.state.epoch, rank=self.env.rank, world_size=self.env.world_size,
+            steps=self.per_epoch * self.accum, start_step=self.state.step_in_epoch * self.accum,
             resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
             crop_scale=tuple(cfg.data.crop_scale), context_length=module.context_length)
-        batches = iter(loader)
-        while state.step_in_epoch < per_epoch and state.step < total:
-            if preempt.requested(device):
-                save()
-                log.warning("preempted: checkpoint saved at step %d", state.step)
-                return 0, "KILLED"
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
-            data_s = time.perf_counter() - t0
-            lr = lr_at(state.step, cfg, total)
-            set_lr(engine.optimizer, lr)
-            inject = env.rank == 0 and (state.step + 1) in t.debug_nan_at_steps
-            out = train_step(engine, micro, loss_fn, inject_nan=inject)
-            if out.applied:
-                clamp_logit_scale(module.logit_scale, t.max_logit_log_scale)
-            state.step += 1
-            state.step_in_epoch += 1
-            state.skipped_samples += out.skipped_samples
-            # fp16's loss scaler skips overflowing steps by design; only a non-finite loss
-            # counts there. In bf16/fp32 any skipped update is a non-finite step.
-            bad = out.loss_nonfinite or (not out.applied and t.precision != "fp16")
-            if bad:
-                state.nonfinite_steps += 1
-                state.consecutive_nonfinite += 1
-                log.warning("step %d: non-finite %s; update skipped (%d in a row)", state.step,
-                            "loss" if out.loss_nonfinite else "gradient", state.consecutive_nonfinite)
-            else:
-                state.consecutive_nonfinite = 0
-                state.overflow_steps += int(not out.applied)
-            meter.add(t.global_batch, data_s, out.loss)
-            if state.step % cfg.logging.every_steps == 0 or state.step == total:
-                metrics = meter.flush()
-                metrics.update(lr=lr, logit_scale=out.logit_scale, grad_norm=out.grad_norm,
-                               skipped_samples=state.skipped_samples, nonfinite_steps=state.nonfinite_steps,
-                               overflow_steps=state.overflow_steps, epoch=state.epoch)
-                tracker.log_metrics(metrics, state.step)
-                if env.is_main:
-                    with metrics_file.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": state.step, **metrics}) + "\n")
-                    log.info("step %d/%d loss %.4f lr %.3g scale %.2f grad_norm %s %.1f samples/s data %.0f%% "
-                             "skipped %d", state.step, total, metrics["loss"], lr, out.logit_scale,
-                             f"{out.grad_norm:.3g}" if out.grad_norm is not None else "-",
-                             metrics["samples_per_s"], 100 * metrics["data_wait_frac"], state.skipped_samples)
-            if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-                save()  # skipped steps changed no weights: this is the last good state
-                raise NonFiniteError(
-                    f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
-                    f"(train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopped at step "
-                    f"{state.step}, checkpoint {ckpt.tag_for(state.step)} holds the last good weights")
-            every = cfg.checkpoint.every_steps
-            if (every > 0 and state.step % every == 0) or state.step == total:
-                save()
-            if evaluator.due(state.step, total):
-                results = evaluator.run(engine, state.step)
-                tracker.log_metrics(results, state.step)
-                if env.is_main:
-                    tracker.log_artifact(evaluator.result_path(state.step), "eval")
-        if state.step_in_epoch >= per_epoch:
-            state.epoch += 1
-            state.step_in_epoch = 0
-        del batches, loader
-    log.info("training finished at step %d", state.step)
-    return 0, "FINISHED"
+
+    def _step(self, batches) -> None:
+        t, state = self.cfg.train, self.state
+        start = time.perf_counter()
+        micro = [next(batches) for _ in range(self.accum)]
+        data_s = time.perf_counter() - start
+        lr = lr_at(state.step, self.cfg, self.total)
+        set_lr(self.engine.optimizer, lr)
+        inject = self.env.rank == 0 and (state.step + 1) in t.debug_nan_at_steps
+        out = train_step(self.engine, micro, self.loss_fn, inject_nan=inject)
+        if out.applied:
+            clamp_logit_scale(self.engine.module.logit_scale, t.max_logit_log_scale)
+        state.step += 1
+        state.step_in_epoch += 1
+        state.skipped_samples += out.skipped_samples
+        # fp16's loss scaler skips overflowing steps by design; only a non-finite loss counts
+        # there. In bf16/fp32 any skipped update is a non-finite step.
+        if out.loss_nonfinite or (not out.applied and t.precision != "fp16"):
+            state.nonfinite_steps += 1
+            state.consecutive_nonfinite += 1
+            log.warning("step %d: non-finite %s; update skipped (%d in a row)", state.step,
+                        "loss" if out.loss_nonfinite else "gradient", state.consecutive_nonfinite)
+        else:
+            state.consecutive_nonfinite = 0
+            state.overflow_steps += int(not out.applied)
+        self.meter.add(t.global_batch, data_s, out.loss)
+        if state.step % self.cfg.logging.every_steps == 0 or state.step == self.total:
+            self._log(out, lr)
+
+    def _log(self, out, lr: float) -> None:
+        state = self.state
+        metrics = self.meter.flush()
+        metrics.update(lr=lr, logit_scale=out.logit_scale, grad_norm=out.grad_norm,
+                       skipped_samples=state.skipped_samples, nonfinite_steps=state.nonfinite_steps,
+                       overflow_steps=state.overflow_steps, epoch=state.epoch)
+        self.tracker.log_metrics(metrics, state.step)
+        if not self.env.is_main:
+            return
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.step, **metrics}) + "\n")
+        norm = f"{out.grad_norm:.3g}" if out.grad_norm is not None else "-"
+        log.info("step %d/%d loss %.4f lr %.3g scale %.2f grad_norm %s %.1f samples/s data %.0f%% skipped %d",
+                 state.step, self.total, metrics["loss"], lr, out.logit_scale, norm, metrics["samples_per_s"],
+                 100 * metrics["data_wait_frac"], state.skipped_samples)
+
+    def _after_step(self) -> None:
+        state, t = self.state, self.cfg.train
+        if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+            self.save()  # skipped steps changed no weights: this is the last good state
+            raise NonFiniteError(
+                f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
+                f"(train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopped at step "
+                f"{state.step}, checkpoint {ckpt.tag_for(state.step)} holds the last good weights")
+        every = self.cfg.checkpoint.every_steps
+        if (every > 0 and state.step % every == 0) or state.step == self.total:
+            self.save()
+        if self.evaluator.due(state.step, self.total):
+            results = self.evaluator.run(self.engine, state.step)
+            self.tracker.log_metrics(results, state.step)
+            if self.env.is_main:
+                self.tracker.log_artifact(self.evaluator.result_path(state.step), "eval")
