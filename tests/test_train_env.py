@@ -1,5 +1,6 @@
 """Launch-environment detection of pretrain/run.py, and a run started the way `srun` starts
-tasks (one process per rank with SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, no launcher).
+tasks (one process per rank with SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, no launcher),
+with `train.grad_cache` on (the loop's gradient-caching step, pretrain.gradcache).
 
 Run: `.venv/bin/python -m pytest -q tests/test_train_env.py`.
 """
@@ -66,7 +67,7 @@ def test_srun_style_launch_trains(tmp_path):
     data = caption_data(tmp_path / "shards", corrupt=False)
     run_dir = tmp_path / "run"
     args = [sys.executable, str(REPO / "pretrain" / "run.py"), f"--output_dir={run_dir}",
-            *tiny_overrides(data, steps=3, extra=["--logging.mlflow=false"])]
+            *tiny_overrides(data, steps=3, extra=["--logging.mlflow=false", "--train.grad_cache=true"])]
     base = {k: v for k, v in os.environ.items() if k not in _VARS}
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), SLURM_NTASKS="2", OMP_NUM_THREADS="1",
                 DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
@@ -75,7 +76,9 @@ def test_srun_style_launch_trains(tmp_path):
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "launcher: slurm" in outs[0] and "world size 2" in outs[0]
-    assert sorted(metrics(run_dir)) == [1, 2, 3]
+    assert "gradient caching: 2 chunks of 4 per rank and step" in outs[0]
+    rows = metrics(run_dir)
+    assert sorted(rows) == [1, 2, 3] and all(r["nonfinite_steps"] == 0 for r in rows.values())
 
 
 def test_bad_config_exits_with_code_2_before_starting(tmp_path):

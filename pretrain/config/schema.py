@@ -122,6 +122,7 @@ class TrainConfig:
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed keys, deep-merged last
     grad_clip: float = 1.0  # 0 disables clipping
     loss: str = "clip"
+    grad_cache: bool = False  # exact gradient caching (pretrain.gradcache): all global negatives per sample
     loss_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     dist_timeout_s: int = 1800  # collective timeout; a dead peer fails the job after at most this

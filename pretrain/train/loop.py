@@ -87,6 +87,12 @@ class _Trainer:
         self.total, self.per_epoch = cfg.total_steps(), cfg.steps_per_epoch()
         self.tokenizer = default_tokenizer()
         self.loss_fn = get_loss(cfg.train.loss, **cfg.train.loss_options)
+        self.step_fn = train_step
+        if cfg.train.grad_cache:  # same signature and output: the micro-batches become cache chunks
+            from pretrain.gradcache import gradcache_train_step
+
+            self.step_fn = gradcache_train_step
+            log.info("gradient caching: %d chunks of %d per rank and step", accum, cfg.train.micro_batch)
         self.evaluator = PeriodicEval(cfg, self.tokenizer, run_dir, env.rank)
         self.meter = WindowMeter()
 
@@ -135,7 +141,7 @@ class _Trainer:
         lr = lr_at(state.step, self.cfg, self.total)
         set_lr(self.engine.optimizer, lr)
         inject = self.env.rank == 0 and (state.step + 1) in t.debug_nan_at_steps
-        out = train_step(self.engine, micro, self.loss_fn, inject_nan=inject)
+        out = self.step_fn(self.engine, micro, self.loss_fn, inject_nan=inject)
         if out.applied:
             clamp_logit_scale(self.engine.module.logit_scale, t.max_logit_log_scale)
         state.step += 1
