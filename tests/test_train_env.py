@@ -88,3 +88,32 @@ def test_bad_config_exits_with_code_2_before_starting(tmp_path):
                           env={k: v for k, v in os.environ.items() if k not in _VARS})
     assert proc.returncode == 2
     assert "bf16 needs train.zero_stage >= 1" in proc.stdout + proc.stderr
+
+
+def test_preemption_flag_in_the_trainer_and_default_action_in_forked_workers():
+    import signal
+    import time
+
+    import torch
+
+    from pretrain.train.preempt import PreemptionFlag
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        flag = PreemptionFlag()
+        assert not flag.requested(torch.device("cpu"))
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a DataLoader-like worker: SIGTERM must still end it
+            os.write(ready_w, b"1")
+            time.sleep(30)
+            os._exit(0)
+        os.read(ready_r, 1)  # the child's interpreter is up (a signal sent during fork is lost)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGUSR1)  # the trainer process itself only raises the flag
+        assert flag.requested(torch.device("cpu"))
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

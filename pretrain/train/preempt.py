@@ -9,6 +9,7 @@ exits 0; the job script requeues the job, which resumes from that checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from types import FrameType
 
@@ -23,10 +24,17 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class PreemptionFlag:
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         self.signum: int | None = None
+        self.pid = os.getpid()
         for sig in signals:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self.pid:
+            # A forked child (DataLoader worker) inherited this handler: behave as the default
+            # action would, so that terminating a worker still terminates it.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         # Only set the flag: the step in progress finishes, the boundary check acts on it.
         self.signum = signum
 
