@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 
 if __package__ in (None, ""):  # `deepspeed pretrain/run.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,8 +38,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # torch 2.13 deprecates collectives that DeepSpeed calls every step: one warning per call.
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     env = distributed.detect_env(args.local_rank)
     distributed.setup_logging(env.rank)

@@ -26,11 +26,17 @@ def _check(ok: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """A model-zoo name plus flat `create_model` overrides (e.g. `{image_size: 32}`)."""
+    """A model-zoo name plus flat `create_model` overrides (e.g. `{image_size: 32}`).
+
+    `init_from`: weights to start a fresh run from (a training run dir, whose newest complete
+    checkpoint is consolidated, or an OpenAI-layout `.pt` file); the image positional
+    embedding is interpolated to this model's image size. Ignored when the run resumes from
+    its own checkpoint (pretrain/train/init_from.py)."""
 
     name: str = "RN-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         from pretrain.models import OVERRIDE_KEYS, list_models  # lazy: config must import fast
@@ -153,6 +159,9 @@ class TrainConfig:
         from pretrain.loss import list_losses
 
         _check(self.loss in list_losses(), f"train.loss {self.loss!r} is unknown; choose one of {list_losses()}")
+        # gradient caching replays d loss / d (features, scale) only; SigLIP's bias has no path there
+        _check(not (self.grad_cache and self.loss == "siglip"),
+               "train.grad_cache supports the softmax losses (clip, clip_tiled) only, not train.loss=siglip")
         _check(self.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1")
         _check(self.logit_scale_max > 1, "train.logit_scale_max must be > 1")
 
@@ -233,6 +242,22 @@ class RunConfig:
                f"total number of steps ({self.total_steps()})")
         _check(not (self.optimizer.impl == "cpu_adam" and not self.train.offload_optimizer),
                "optimizer.impl=cpu_adam only makes sense with train.offload_optimizer=true")
+        self._resolve_siglip()
+
+    def _resolve_siglip(self) -> None:
+        """SigLIP needs the model's learnable bias and the paper's init (scale 10, bias -10):
+        written into model.overrides, so run_config.yaml re-creates the same model."""
+        ov = self.model.overrides
+        if self.train.loss == "siglip":
+            from pretrain.loss import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE
+
+            ov.setdefault("init_logit_scale", SIGLIP_INIT_LOG_SCALE)
+            if ov.get("init_logit_bias") is None:
+                ov["init_logit_bias"] = SIGLIP_INIT_BIAS
+        else:
+            _check(ov.get("init_logit_bias") is None,
+                   f"model.overrides.init_logit_bias adds a SigLIP logit bias, which train.loss="
+                   f"{self.train.loss!r} does not use; set train.loss=siglip or drop the override")
 
     # --- derived quantities (one source of truth for batch arithmetic) -------------------
     def steps_per_epoch(self) -> int:

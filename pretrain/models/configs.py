@@ -9,6 +9,7 @@ width * 32 / 64) so that every config can be recovered from checkpoint tensor sh
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -70,6 +71,10 @@ class CLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     act: str = "quick_gelu"  # OpenAI's release; "gelu" for later open_clip-style models
     grad_checkpointing: bool = False
+    # log of the initial temperature (CLIP: log(1/0.07); SigLIP: log(10))
+    init_logit_scale: float = math.log(1 / 0.07)
+    # None: no logit bias (CLIP). A float adds a learnable [1]-shaped ``logit_bias`` (SigLIP: -10)
+    init_logit_bias: float | None = None
 
     def __post_init__(self) -> None:
         _check_positive(self, "embed_dim", "image_size")
@@ -80,6 +85,10 @@ class CLIPConfig:
                              f"size {self.vision.patch_size}")
         if isinstance(self.vision, ResNetConfig) and self.image_size % 32:
             raise ValueError(f"ResNet image_size must be a multiple of 32, got {self.image_size}")
+        if not math.isfinite(float(self.init_logit_scale)):
+            raise ValueError(f"init_logit_scale must be finite, got {self.init_logit_scale!r}")
+        if self.init_logit_bias is not None and not math.isfinite(float(self.init_logit_bias)):
+            raise ValueError(f"init_logit_bias must be finite or None, got {self.init_logit_bias!r}")
 
     @property
     def family(self) -> str:

@@ -4,7 +4,8 @@ Overrides (flat keyword arguments, so a run config can carry them as a small dic
   embed_dim, image_size, act ("quick_gelu" | "gelu"), grad_checkpointing,
   context_length, vocab_size, text_width, text_layers, text_heads,
   vision_width, vision_layers (int for ViT, 4 ints for ResNet), vision_heads,
-  vision_patch_size (ViT only).
+  vision_patch_size (ViT only), init_logit_scale (log of the initial temperature),
+  init_logit_bias (adds a learnable SigLIP ``logit_bias``; None/absent = no bias).
 An unknown key raises ValueError naming the valid ones. Changing a width without its
 heads sets heads by OpenAI's rule (width / 64; ResNet pool width * 32 / 64), which is what
 ``from_openai_state_dict`` assumes when it re-creates a model from weights alone.
@@ -19,7 +20,7 @@ from typing import Any
 from .clip import CLIP
 from .configs import MODEL_CONFIGS, CLIPConfig, ResNetConfig, ViTConfig
 
-_TOP = ("embed_dim", "image_size", "act", "grad_checkpointing")
+_TOP = ("embed_dim", "image_size", "act", "grad_checkpointing", "init_logit_scale", "init_logit_bias")
 _TEXT = {"context_length": "context_length", "vocab_size": "vocab_size",
          "text_width": "width", "text_layers": "layers", "text_heads": "heads"}
 _VISION = {"vision_width": "width", "vision_layers": "layers", "vision_heads": "heads",

@@ -12,6 +12,7 @@ head counts follow OpenAI's rule (width / 64; ResNet pool width * 32 / 64) unles
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Mapping
@@ -36,6 +37,8 @@ def to_openai_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if "logit_scale" not in sd:
         raise ValueError("not a CLIP model: it has no logit_scale")
     sd["logit_scale"] = sd["logit_scale"].reshape(())
+    if "logit_bias" in sd:  # SigLIP models: 0-dim, named as open_clip does
+        sd["logit_bias"] = sd["logit_bias"].reshape(())
     return sd
 
 
@@ -160,6 +163,9 @@ def from_openai_state_dict(state_dict: Mapping[str, Any], image_size: int | None
         sd = resize_positional_embedding(sd, image_size)
     config = infer_config(sd, **overrides)
     sd["logit_scale"] = _get(sd, "logit_scale").reshape(1)
+    if "logit_bias" in sd:  # a SigLIP checkpoint: the model gets the parameter, then its value
+        sd["logit_bias"] = sd["logit_bias"].reshape(1)
+        config = dataclasses.replace(config, init_logit_bias=float(sd["logit_bias"]))
     # build without running the random init (it would be overwritten), then load
     with torch.device("meta"):
         model = CLIP(config)

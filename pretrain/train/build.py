@@ -3,7 +3,8 @@
     engine, ds_config = build_engine(cfg, world_size)
 
 Every rank builds the model from the same seed: ZeRO-3 partitions each rank's own copy, so
-the copies must be identical (ZeRO 0-2 also broadcast rank 0's weights).
+the copies must be identical (ZeRO 0-2 also broadcast rank 0's weights). `model.init_from`
+weights are copied into that fresh model, unless the run dir has a checkpoint to resume.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from pretrain.config import RunConfig
 from pretrain.models import create_model
+from pretrain.train.checkpoint import complete_tags
+from pretrain.train.distributed import broadcast_object
 from pretrain.train.ds_config import build_ds_config, guards_nonfinite_in_optimizer, uses_cpu_adam
+from pretrain.train.init_from import init_model_from
 from pretrain.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -25,10 +30,21 @@ log = logging.getLogger(__name__)
 def build_model(cfg: RunConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, **cfg.model.overrides)
+    if cfg.model.init_from and not will_resume(cfg):
+        init_model_from(model, cfg.model.init_from)  # before initialize: ZeRO-3 partitions there
     # Non-reentrant checkpointing on both towers (reentrant drops the gradient of a tower
     # whose input does not require grad: CLIP.md section 7).
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return model
+
+
+def will_resume(cfg: RunConfig) -> bool:
+    """The run dir holds a complete checkpoint that `fit` will resume from (rank 0 decides
+    for all ranks, as `checkpoint.resume` does): init_from must not re-initialise it."""
+    if not cfg.checkpoint.resume:
+        return False
+    found = bool(complete_tags(cfg.output_dir)) if not dist.is_initialized() or dist.get_rank() == 0 else None
+    return bool(broadcast_object(found))
 
 
 def build_engine(cfg: RunConfig, world_size: int) -> tuple[Any, dict[str, Any]]:

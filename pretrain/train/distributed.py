@@ -16,8 +16,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -66,8 +68,22 @@ def detect_env(local_rank_arg: int | None = None) -> DistEnv:
     return out
 
 
+# torch 2.13 deprecates the collectives DeepSpeed's ZeRO calls on every step (one
+# FutureWarning per call); only these messages are silenced, other warnings still show.
+_DEPRECATED_COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
+                           "_reduce_scatter_base")
+
+
+def silence_collective_deprecations() -> None:
+    for name in _DEPRECATED_COLLECTIVES:
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=rf"`torch\.distributed\.{re.escape(name)}` is ")
+
+
 def setup_logging(rank: int) -> None:
-    """This project's loggers: INFO on rank 0, WARNING elsewhere; other libraries WARNING."""
+    """This project's loggers: INFO on rank 0, WARNING elsewhere; other libraries WARNING;
+    torch's deprecation warnings for DeepSpeed's per-step collectives silenced."""
+    silence_collective_deprecations()
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
                         format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)

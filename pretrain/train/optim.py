@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule of a run.
 
 - AdamW with two parameter groups: weight decay on >= 2-D weights only; none on gains,
-  biases, embeddings (token / positional / class embeddings) or the logit scale.
+  biases, embeddings (token / positional / class embeddings), the logit scale or
+  SigLIP's logit bias.
 - The schedule is a pure function of the step (linear warmup, then cosine), set on the
   optimizer before every step, so a resumed run gets it back from the restored step alone.
 - `SkipNonFiniteAdamW`: for ZeRO-0 fp32, where no DeepSpeed wrapper checks gradients, it
@@ -23,7 +24,7 @@ from pretrain.config import RunConfig
 log = logging.getLogger(__name__)
 
 # Parameters whose name contains one of these are never decayed, whatever their shape.
-NO_DECAY_NAME_PARTS = ("embedding", "logit_scale")
+NO_DECAY_NAME_PARTS = ("embedding", "logit_scale", "logit_bias")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

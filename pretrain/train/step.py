@@ -74,9 +74,12 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
         images = batch["images"].to(device, dtype=dtype, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
         skipped += int(batch.get("skipped", 0))
-        image_features, text_features, logit_scale = engine(images, tokens)
-        # The loss (softmax over the global batch) is computed in fp32 whatever the precision.
-        loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+        # (img, txt, scale) or, for a model with a SigLIP logit bias, (img, txt, scale, bias):
+        # the extra output goes to the loss as its 4th argument.
+        image_features, text_features, logit_scale, *extra = engine(images, tokens)
+        # The loss (over the global batch) is computed in fp32 whatever the precision.
+        loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
+                       *(t.float() for t in extra))
         if inject_nan and i == 0:
             loss = loss * float("nan")
         bad = _any_rank(not bool(torch.isfinite(loss.detach()).item()), device)
