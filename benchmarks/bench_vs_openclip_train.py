@@ -22,7 +22,13 @@ open_clip: `Batch (t)`, the mean wall time per step of each log window, includin
 wait). Windows that contain any of the first --log-every steps are dropped (start-up), the
 rest are pooled: samples / seconds per run; each side runs --repeats times, alternating with
 the other, and its best run is reported (load from other jobs only ever slows a run down),
-with the best single window beside it. Target (issue 8): ours >= 1.0x open_clip.
+with the best single window beside it. Load-robust figure beside it: CPU milliseconds per
+sample of the whole launched process tree (ranks, data workers, launcher; polled),
+taken as (CPU of a --steps run - CPU of a --short-steps run) / (step difference x batch),
+so start-up and the final checkpoint cancel out. On a shared machine the wall-clock rate
+follows whatever CPU share a run got; the CPU cost barely moves, and on an idle machine
+with one core per process a CPU-bound step's rate is inversely proportional to it.
+Target (issue 8): ours >= 1.0x open_clip.
 """
 from __future__ import annotations
 
@@ -32,11 +38,16 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
@@ -81,25 +92,56 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> str:
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[str, float]:
+    """(log text, CPU seconds used by the launched process tree). The tree (launcher, ranks,
+    data workers) is polled twice a second and each process's last user + system time is
+    kept, so processes that exit without being waited for still count; what a process does
+    after its last poll is missed, the same at every step count (it cancels in the CPU
+    difference of a long and a short run)."""
+    last: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
     with log.open("w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=REPO).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{cmd[:4]} ... timed out after {timeout} s; log {log}")
+            try:
+                tree = [root] + root.children(recursive=True)
+            except psutil.Error:
+                tree = []
+            for p in tree:
+                try:
+                    t = p.cpu_times()
+                    last[p.pid] = t.user + t.system
+                except psutil.Error:  # exited between listing and reading
+                    pass
+            time.sleep(0.5)
     text = log.read_text(errors="replace")
-    if rc != 0:
-        raise RuntimeError(f"{cmd[:4]} ... exited {rc}; log {log}:\n{text[-3000:]}")
-    return text
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} ... exited {proc.returncode}; log {log}:\n{text[-3000:]}")
+    return text, sum(last.values())
 
 
 Windows = list[tuple[float, float]]  # (samples, seconds) of each kept log window
 
 
-def run_ours(name: str, pattern: str, args: argparse.Namespace, work: Path, env: dict[str, str]) -> Windows:
+@dataclass
+class Run:
+    steps: int
+    windows: Windows  # empty for the short runs that only serve the CPU difference
+    cpu_s: float  # CPU seconds of the whole launch (start-up, steps, final save, exit)
+
+
+def run_ours(name: str, pattern: str, args: argparse.Namespace, work: Path, env: dict[str, str],
+             steps: int) -> Run:
     out = work / f"ours-{name}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = {
         "output_dir": str(out),
         "model": {"name": name},
-        "data": {"sources": [{"url": pattern}], "samples_per_epoch": args.steps * args.batch,
+        "data": {"sources": [{"url": pattern}], "samples_per_epoch": steps * args.batch,
                  "workers": args.workers, "resampled": False},
         "optimizer": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD, "impl": "torch"},
         "train": {"global_batch": args.batch, "micro_batch": args.batch // NPROC, "precision": "fp32",
@@ -111,7 +153,7 @@ def run_ours(name: str, pattern: str, args: argparse.Namespace, work: Path, env:
     cfg_path.write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(NPROC),
            "--master_port", str(free_port()), "pretrain/run.py", "--config", str(cfg_path)]
-    run_logged(cmd, work / f"ours-{name}.log", env, args.timeout)
+    _, cpu_s = run_logged(cmd, work / f"ours-{name}.log", env, args.timeout)
     windows = []
     prev = 0
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -120,15 +162,15 @@ def run_ours(name: str, pattern: str, args: argparse.Namespace, work: Path, env:
         if prev >= args.log_every:  # window (prev, step] lies after the start-up steps
             windows.append((n * args.batch, n * args.batch / m["samples_per_s"]))
         prev = m["step"]
-    return checked(windows, "ours", name)
+    return Run(steps, checked(windows, "ours", name, steps, args), cpu_s)
 
 
 def run_open_clip(name: str, oc_name: str, pattern: str, args: argparse.Namespace, work: Path,
-                  env: dict[str, str]) -> Windows:
+                  env: dict[str, str], steps: int) -> Run:
     logs = work / "openclip-logs"
     shutil.rmtree(logs / oc_name, ignore_errors=True)
     oc_args = ["--model", oc_name, "--train-data", pattern, "--dataset-type", "webdataset",
-               "--train-num-samples", str(args.steps * args.batch), "--batch-size", str(args.batch // NPROC),
+               "--train-num-samples", str(steps * args.batch), "--batch-size", str(args.batch // NPROC),
                "--epochs", "1", "--workers", str(args.workers), "--precision", "fp32",
                "--local-loss", "--gather-with-grad", "--lr", str(LR), "--beta1", str(BETAS[0]),
                "--beta2", str(BETAS[1]), "--eps", str(EPS), "--wd", str(WD), "--warmup", "1",
@@ -137,7 +179,7 @@ def run_open_clip(name: str, oc_name: str, pattern: str, args: argparse.Namespac
                "--logs", str(logs), "--name", oc_name, "--device", "cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
            "--master_port", str(free_port()), __file__, "--openclip-worker", str(work / "oc_configs"), "--", *oc_args]
-    text = run_logged(cmd, work / f"openclip-{name}.log", env, args.timeout)
+    text, cpu_s = run_logged(cmd, work / f"openclip-{name}.log", env, args.timeout)
     windows = []
     prev_i = None
     for samples, batch_t in OPENCLIP_LOG.findall(text):
@@ -145,11 +187,11 @@ def run_open_clip(name: str, oc_name: str, pattern: str, args: argparse.Namespac
         if prev_i is not None and prev_i + 1 >= args.log_every:  # steps prev_i+1..i, after start-up
             windows.append(((i - prev_i) * args.batch, (i - prev_i) * float(batch_t)))
         prev_i = i
-    return checked(windows, "open_clip", name)
+    return Run(steps, checked(windows, "open_clip", name, steps, args), cpu_s)
 
 
-def checked(windows: Windows, side: str, name: str) -> Windows:
-    if not windows:
+def checked(windows: Windows, side: str, name: str, steps: int, args: argparse.Namespace) -> Windows:
+    if not windows and steps == args.steps:
         raise RuntimeError(f"{side} {name}: no log window after start-up; raise --steps")
     return windows
 
@@ -191,6 +233,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["ViT-tiny", "RN-tiny"])
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     ap.add_argument("--log-every", type=int, default=10, help="log window (steps); the first is dropped")
+    ap.add_argument("--short-steps", type=int, default=10,
+                    help="steps of the extra short run per side whose CPU time is subtracted")
     ap.add_argument("--batch", type=int, default=64, help="global batch (half per process)")
     ap.add_argument("--workers", type=int, default=1, help="data-loader workers per process")
     ap.add_argument("--px", type=int, default=128, help="stored JPEG size of the shards")
@@ -210,6 +254,8 @@ def main() -> None:
 
     if args.steps < 3 * args.log_every:
         sys.exit("--steps must be at least 3 x --log-every (the first window is dropped)")
+    if not 0 < args.short_steps < args.steps:
+        sys.exit("--short-steps must be between 0 and --steps")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_vs_openclip_train_"))
     (work / "oc_configs").mkdir(parents=True, exist_ok=True)
     pattern = make_bench_shards(Path(args.shard_dir) / f"px{args.px}", args.px, args.samples)
@@ -220,22 +266,32 @@ def main() -> None:
           f"{args.log_every} (first dropped), {args.workers} data worker(s) per process, {args.px} px JPEGs; "
           f"work dir {work}")
     headers = ["model", "params ours / open_clip", "open_clip samples/s", "ours samples/s", "ours / open_clip",
-               "best window oc / ours", "target >= 1.0x"]
+               "best window oc / ours", "CPU ms/sample oc / ours", "CPU ratio", "target >= 1.0x (wall / CPU)"]
     rows = []
     for name in args.models:
         oc_name = f"bench-{name}"
         (work / "oc_configs" / f"{oc_name}.json").write_text(json.dumps(open_clip_config(name), indent=1))
         require_open_clip().add_model_config(str(work / "oc_configs"))
         n_ours, n_theirs = param_counts(name, oc_name)
-        runs: dict[str, list[Windows]] = {"open_clip": [], "ours": []}
+        runs: dict[str, list[Run]] = {"open_clip": [], "ours": []}
+        sides = {"open_clip": lambda n: run_open_clip(name, oc_name, pattern, args, work, env, n),
+                 "ours": lambda n: run_ours(name, pattern, args, work, env, n)}
         for _ in range(args.repeats):  # alternating sides, so slow spells of the machine hit both
-            runs["open_clip"].append(run_open_clip(name, oc_name, pattern, args, work, env))
-            runs["ours"].append(run_ours(name, pattern, args, work, env))
-        best = {side: max(pooled(w) for w in ws) for side, ws in runs.items()}
-        peak = {side: max(best_window(w) for w in ws) for side, ws in runs.items()}
-        x = best["ours"] / best["open_clip"]
+            for side, launch in sides.items():
+                runs[side].append(launch(args.steps))
+        # CPU cost per step without start-up and final save: (long - short) / step difference.
+        cpu = {}
+        for side, launch in sides.items():
+            short = launch(args.short_steps)
+            long_cpu = statistics.median(r.cpu_s for r in runs[side])
+            cpu[side] = 1e3 * (long_cpu - short.cpu_s) / ((args.steps - args.short_steps) * args.batch)
+        best = {side: max(pooled(r.windows) for r in rs) for side, rs in runs.items()}
+        peak = {side: max(best_window(r.windows) for r in rs) for side, rs in runs.items()}
+        x, xc = best["ours"] / best["open_clip"], cpu["open_clip"] / cpu["ours"]
         rows.append([name, f"{n_ours:,} / {n_theirs:,}", f"{best['open_clip']:.1f}", f"{best['ours']:.1f}",
-                     f"{x:.2f}x", f"{peak['open_clip']:.0f} / {peak['ours']:.0f}", "met" if x >= 1.0 else "NOT met"])
+                     f"{x:.2f}x", f"{peak['open_clip']:.0f} / {peak['ours']:.0f}",
+                     f"{cpu['open_clip']:.1f} / {cpu['ours']:.1f}", f"{xc:.2f}x",
+                     " / ".join("met" if v >= 1.0 else "NOT met" for v in (x, xc))])
         print(md_table(headers, [rows[-1]]).splitlines()[-1], flush=True)
     print()
     print(md_table(headers, rows))
