@@ -30,10 +30,11 @@ class PreemptionFlag:
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self.pid:
-            # A forked child (DataLoader worker) inherited this handler: behave as the default
-            # action would, so that terminating a worker still terminates it.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            # A forked child (DataLoader worker) inherited this handler. Slurm signals every
+            # process of a job step, workers included: a worker that died of the signal would
+            # make the trainer's DataLoader raise before it could checkpoint. The trainer acts
+            # on the signal; the worker ignores it and ends when the trainer shuts its loader
+            # down (or, should the trainer die, through the DataLoader's parent watchdog).
             return
         # Only set the flag: the step in progress finishes, the boundary check acts on it.
         self.signum = signum
