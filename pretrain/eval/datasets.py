@@ -17,6 +17,8 @@ Item ``i`` is ``(tensor [3,H,W] or None when the image cannot be decoded, i)``.
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import io
 import json
@@ -37,14 +39,14 @@ _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _FILE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """Index -> PIL image; subclasses know where the pixels live."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def load(self, i: int) -> Image.Image:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load(self, i: int) -> Image.Image: ...
 
 
 @dataclass

@@ -7,7 +7,7 @@ model, named configs and OpenAI-layout state-dict conversion.
     sd = to_openai_state_dict(model)            # OpenAI / open_clip key layout
     model = from_openai_state_dict(sd, image_size=336)  # config inferred from shapes
 
-No torch.distributed / deepspeed imports anywhere in this package.
+No imports of collectives or of the DeepSpeed engine anywhere in this package.
 """
 from .clip import CLIP
 from .configs import MODEL_CONFIGS, PAPER_MODELS, CLIPConfig, ResNetConfig, TextConfig, ViTConfig

@@ -6,7 +6,7 @@ maps one-to-one onto OpenAI / open_clip checkpoints. Attention runs through
 ``F.scaled_dot_product_attention`` so GPUs get the fused (flash / memory-efficient)
 kernels; tensors are batch-first ``(B, L, W)`` (the key layout does not depend on it).
 
-No torch.distributed / deepspeed imports here: wrapping happens in the trainer.
+No imports of collectives or of the DeepSpeed engine here: wrapping happens in the trainer.
 """
 from __future__ import annotations
 
