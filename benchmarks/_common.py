@@ -19,7 +19,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
-GIB = 1 << 30
 
 
 def require_open_clip() -> Any:
@@ -133,9 +132,3 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
 
-
-def ratio(a: float | None, b: float | None) -> str:
-    """a / b formatted, or '-' when either side was not measured."""
-    if a is None or b is None or b == 0:
-        return "-"
-    return f"{a / b:.2f}"

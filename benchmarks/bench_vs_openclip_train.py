@@ -4,7 +4,8 @@ trainer (`open_clip_train.main` under `torchrun`, `--dataset-type webdataset`), 
 shards with the same global batch, model size, loss and optimizer settings.
 
     .venv-bench/bin/python benchmarks/bench_vs_openclip_train.py [--models ViT-tiny RN-tiny]
-        [--steps 30] [--log-every 10] [--batch 64] [--workers 1] [--px 128] [--repeats 3]
+        [--steps 30] [--short-steps 10] [--log-every 10] [--batch 64] [--workers 1] [--px 128]
+        [--repeats 3]
 
 Models: open_clip gets model-config JSONs equal to our "ViT-tiny" / "RN-tiny"
 (pretrain/models/configs.py), registered with `open_clip.add_model_config` in the torchrun
