@@ -33,7 +33,8 @@ so that the loss never sets the limit; inputs on the host as the loader yields t
 With --dry-run everything runs on CPU with ViT-tiny / RN-tiny, batch 8, 2 steps and caps
 of 16 (CPU never runs out of memory, so the searches stop at the caps).
 Expected time on one H100: ~2 min throughput, ~5-10 min for the two searches
-(`--only throughput|largest` runs one part).
+(`--only throughput|largest` runs one part). The cached rows also set `train.grad_cache=true`
+where the run config has it, as a training run would.
 """
 from __future__ import annotations
 
@@ -134,6 +135,13 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- parent side ---
+def trainer_has_grad_cache() -> bool:
+    """Whether the run config has the `train.grad_cache` switch (set it too, as a run would)."""
+    from pretrain.config.schema import TrainConfig  # noqa: PLC0415
+
+    return "grad_cache" in TrainConfig.__dataclass_fields__
+
+
 def largest_fitting(fits: Callable[[int], bool], start: int, cap: int, granularity: int) -> tuple[int, bool]:
     """(largest b in [start, cap] with fits(b), hit_cap): doubling, then bisection down to
     `granularity`. Returns (0, False) when even `start` does not fit."""
@@ -207,7 +215,8 @@ def largest_rows(args: argparse.Namespace, model: str) -> list[list[Any]]:
     else:
         # Caching: chunks of --cache-chunk; the per-device global batch b sees all of itself.
         def fits_cached(b: int) -> bool:
-            spec = {**base, "micro_batch": args.cache_chunk, "global_batch": b, "gradcache": True}
+            spec = {**base, "micro_batch": args.cache_chunk, "global_batch": b, "gradcache": True,
+                    "extra": ["--train.grad_cache=true"] if trainer_has_grad_cache() else []}
             return bool(run_spec(spec)["fits"])
 
         b, capped = largest_fitting(fits_cached, args.cache_chunk * 2, args.cache_cap, args.cache_chunk)
