@@ -38,30 +38,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from pretrain.gradcache.core import Chunk, LossFn, embed_chunks, feature_grads, replay_backward, split_batch
-from pretrain.train.step import StepOutput, compute_dtype
+from pretrain.train.step import StepOutput, any_rank, sum_over_ranks, compute_dtype
 
 
 @dataclass
 class GradCacheStepOutput(StepOutput):
     replay_max_diff: float  # max |pass-2 - pass-1 features| on this rank (0 on CPU: see core.py)
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def check_engine(engine, n_chunks: int) -> None:
@@ -107,7 +91,7 @@ def gradcache_train_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn,
     cache = embed_chunks(forward, chunks, device)
     grads = feature_grads(cache, loss_fn)
     loss = grads.loss * float("nan") if inject_nan else grads.loss
-    bad = _any_rank(not bool(torch.isfinite(loss).item()), device)
+    bad = any_rank(not bool(torch.isfinite(loss).item()), device)
     if bad:
         # NaN gradients on every rank: every ZeRO optimizer (and SkipNonFiniteAdamW) skips alike.
         nan = float("nan")
@@ -119,7 +103,7 @@ def gradcache_train_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn,
     applied = bool(engine.was_step_applied())
     norm = engine.get_global_grad_norm()
     value = 0.0 if bad else float(loss)
-    total, n, skipped_all = _sum_over_ranks([value, 0.0 if bad else 1.0, float(skipped)], device)
+    total, n, skipped_all = sum_over_ranks([value, 0.0 if bad else 1.0, float(skipped)], device)
     return GradCacheStepOutput(loss=total / n if n else float("nan"), loss_nonfinite=bad, applied=applied,
                                grad_norm=float(norm) if norm is not None else None,
                                logit_scale=float(cache.logit_scale), skipped_samples=int(skipped_all),

@@ -41,7 +41,7 @@ def compute_dtype(engine) -> torch.dtype:
     return torch.float32
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool, device: torch.device) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -49,7 +49,7 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
@@ -82,7 +82,7 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
                        *(t.float() for t in extra))
         if inject_nan and i == 0:
             loss = loss * float("nan")
-        bad = _any_rank(not bool(torch.isfinite(loss.detach()).item()), device)
+        bad = any_rank(not bool(torch.isfinite(loss.detach()).item()), device)
         if bad:
             # Make every rank's gradients NaN so that every optimizer skips this step alike.
             loss = loss * float("nan")
@@ -96,6 +96,6 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
     applied = bool(engine.was_step_applied())
     norm = engine.get_global_grad_norm()
     grad_norm = float(norm) if norm is not None else None
-    total, n, skipped_all = _sum_over_ranks([finite_sum, float(finite_n), float(skipped)], device)
+    total, n, skipped_all = sum_over_ranks([finite_sum, float(finite_n), float(skipped)], device)
     return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=any_bad, applied=applied,
                       grad_norm=grad_norm, logit_scale=scale_value, skipped_samples=int(skipped_all))
