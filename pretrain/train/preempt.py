@@ -30,11 +30,15 @@ class PreemptionFlag:
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self.pid:
-            # A forked child (DataLoader worker) inherited this handler. Slurm signals every
-            # process of a job step, workers included: a worker that died of the signal would
-            # make the trainer's DataLoader raise before it could checkpoint. The trainer acts
-            # on the signal; the worker ignores it and ends when the trainer shuts its loader
-            # down (or, should the trainer die, through the DataLoader's parent watchdog).
+            # A forked child (DataLoader worker) inherited this handler. Slurm sends the
+            # time-limit warning (USR1) to every process of a job step, workers included: a
+            # worker that died of it would make the trainer's DataLoader raise before it could
+            # checkpoint, so workers ignore USR1 and the trainer acts on it. SIGTERM keeps its
+            # default action in workers: the DataLoader's own shutdown relies on it.
+            if signum == signal.SIGUSR1:
+                return
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
         # Only set the flag: the step in progress finishes, the boundary check acts on it.
         self.signum = signum
