@@ -82,6 +82,7 @@ def train(out: Path, manifest_path: Path, n_kept: int, steps: int, eval_dataset:
     cfg["eval"]["zeroshot_dataset"] = eval_dataset
     cfg["schedule"]["warmup_steps"] = min(cfg["schedule"]["warmup_steps"], max(0, steps // 5))
     cfg["checkpoint"]["every_steps"] = min(cfg["checkpoint"]["every_steps"], steps)
+    cfg["logging"]["every_steps"] = max(1, min(cfg["logging"]["every_steps"], steps // 10))  # >= 10 points
     cfg_path = out / "demo_run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     _run([_bin("deepspeed"), "--num_gpus", "2", str(REPO / "pretrain" / "run.py"), "--config", str(cfg_path)],
