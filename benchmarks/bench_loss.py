@@ -40,20 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pretrain.loss.clip import clip_local_sum  # noqa: E402
 from pretrain.loss.tiled import auto_block_size, clip_tiled_local_sum  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import reset_peak_rss, rss_bytes  # noqa: E402
+
 MIB = 1 << 20
-
-
-def rss_bytes(field: str) -> int:
-    """VmRSS / VmHWM of this process from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """Set VmHWM back to the current VmRSS (Linux >= 4.0: write 5 to clear_refs)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def plain_logit_bytes(b: int, total: int) -> int:
