@@ -41,5 +41,12 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   touch "$STAMP"
 fi
 
+# DeepSpeed's C++ ops, built now in one process rather than by racing ranks under a test's
+# or a launch's clock (~1.5 min once on 2 cores; later runs only load them).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(pwd)/$VENV/torch_extensions}"
+if ! "$VENV/bin/python" -m pretrain.train.ds_ops --clear-locks; then
+  echo "[setup] WARNING: DeepSpeed ops did not build (no C++ compiler?); CPU-Adam offload is unavailable" >&2
+fi
+
 # OpenAI's BPE vocabulary, from the open-clip-torch wheel, into the cache (never committed).
 "$VENV/bin/python" -m pretrain.assets fetch

@@ -6,6 +6,8 @@ Run the whole suite with ``make test`` (sets everything up first) or
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fork-after-use warnings from HF tokenizers
 os.environ.setdefault("WANDB_MODE", "disabled")  # img2dataset imports wandb
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# DeepSpeed's JIT ops (shm all-reduce, CPU Adam) live with the virtualenv that built them:
+# scripts/setup.sh pre-builds them there, and another checkout sharing ~/.cache cannot
+# rebuild them under a running test (pretrain/train/ds_ops.py says why).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def _cuda_available() -> bool:

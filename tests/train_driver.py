@@ -70,7 +70,7 @@ def cpu_adam_available() -> bool:
     if os.environ.get("CLIP_TEST_CPU_ADAM") == "1":
         return True
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    return any(root.glob("*cpu*/cpu_adam/cpu_adam*.so"))
+    return any(root.glob("**/cpu_adam/cpu_adam*.so"))
 
 
 def base_config(extra: list[str] | None = None):
