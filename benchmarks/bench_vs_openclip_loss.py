@@ -1,6 +1,7 @@
-"""Loss side by side: ours (`get_loss("clip_tiled")`) against open_clip's
-`ClipLoss(local_loss=True, gather_with_grad=True)`: time and peak memory of forward +
-backward of ONE rank's share at global batch B, for simulated world sizes W.
+"""Loss side by side: ours (`get_loss("clip_tiled")` and the ring-exchange `clip_ring`)
+against open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`: time and peak
+memory of forward + backward of ONE rank's share at global batch B, for simulated world
+sizes W.
 
     .venv-bench/bin/python benchmarks/bench_vs_openclip_loss.py              # full: B=32768
     .venv-bench/bin/python benchmarks/bench_vs_openclip_loss.py --batch 8192 # CPU-sized
@@ -18,6 +19,16 @@ all-gather's output), and ours is told the world size the same way (`world_info`
     `pretrain.loss.tiled.world_info` -> (0, W).
 At W = 1 the gather is a no-op on both sides (gathered = local). Before timing, both are
 checked to give the same loss and gradients on a small case (so they are fed equivalently).
+
+Ring (`pretrain.loss.ring.ring_local_sum`, what `clip_ring` runs): rank 0 of a simulated
+ring (`SimRing`) that receives, at each hop, a fresh buffer with another rank's (image,
+text) block (here: rank 0's own rows rolled by the source rank, so every block differs) and,
+in the backward, the gradient accumulators of the previous rank (zeros at the last hop: the
+other ranks' column gradients are theirs to compute). It never holds the gathered batch, so
+its memory may fall below the all-gather floor. Its time is compute only: the hops of a real
+ring (W - 1 of 2 x b x d features forward, overlapped with the matmuls; W of features +
+gradients backward) are not simulated. Its value and rank 0's own-row gradients are checked
+against the all-gather sides on the small case too.
 
 Memory: bytes above the level before the inputs were made, so it includes the local and
 gathered features and their gradients, at their peak during the step: CUDA
@@ -44,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from _common import MIB, PeakMemory, machine_line, md_table, require_open_clip  # noqa: E402
 
-IMPLS = ("open_clip", "ours")
+IMPLS = ("open_clip", "ours", "ring")
 
 
 def floor_bytes(total: int, d: int) -> int:
@@ -58,9 +69,48 @@ def open_clip_estimate(b: int, total: int, d: int) -> int:
     return floor_bytes(total, d) + 6 * b * total * 4
 
 
+class SimRing:
+    """Rank 0 of a W-rank ring of equal b-row blocks, in one process (see module doc). With
+    `blocks` (src -> (rows, 2d)) it hands out those; otherwise rank 0's own block rolled by
+    the source rank, made when received, as a receive buffer would be."""
+
+    def __init__(self, world: int, b: int, blocks: dict[int, torch.Tensor] | None = None) -> None:
+        self.rank, self.world, self.sizes, self.blocks = 0, world, [b] * world, blocks
+        self.hops = {17: 0, 18: 0}  # per tag: hops so far (features, gradients)
+
+    def start_shift(self, tensor: torch.Tensor, recv_rows: int, tag: int) -> Any:
+        self.hops[tag] += 1
+        if tag == 18:  # gradients from the previous rank (zeros at the last hop: see module doc)
+            return tensor.new_zeros((recv_rows, tensor.shape[1]))
+        # W - 1 feature hops per pass (forward, then backward): after hop k, rank -k's block
+        k = (self.hops[tag] - 1) % (self.world - 1) + 1
+        src = (-k) % self.world
+        if self.blocks is not None:
+            return self.blocks[src].clone()
+        return tensor.roll(src, dims=0)  # a fresh buffer, like a receive
+
+    def finish_shift(self, handle: Any) -> torch.Tensor:
+        return handle
+
+
 def make_loss(impl: str, world: int, all_image: torch.Tensor, all_text: torch.Tensor,
-              block_size: int | None) -> Any:
-    """The loss callable of `impl` with its all-gather patched to return the given tensors."""
+              block_size: int | None, ring_blocks: bool = False) -> Any:
+    """The loss callable of `impl` with its all-gather patched to return the given tensors
+    (the ring: with its exchange simulated, see SimRing; `ring_blocks`: hand out the rows of
+    the given gathered tensors, for the equivalence check, instead of rolled local rows)."""
+    if impl == "ring":
+        from pretrain.loss.common import rank_share  # noqa: PLC0415
+        from pretrain.loss.ring import ring_local_sum  # noqa: PLC0415
+
+        b = all_image.shape[0] // world
+        blocks = ({src: torch.cat([all_image[src * b:(src + 1) * b], all_text[src * b:(src + 1) * b]], dim=1).detach()
+                   for src in range(world)} if ring_blocks else None)
+
+        def ring_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            ring = SimRing(world, img.shape[0], blocks)
+            return rank_share(ring_local_sum(img, txt, scale.reshape(()), ring, block_size), world, world * img.shape[0])
+
+        return ring_loss
     if impl == "open_clip":
         import open_clip.loss as ocl  # noqa: PLC0415
 
@@ -79,13 +129,14 @@ def unit_rows(n: int, d: int, gen: torch.Generator, device: torch.device) -> tor
     return (x / x.norm(dim=1, keepdim=True)).to(device).requires_grad_()
 
 
-def make_inputs(total: int, d: int, world: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def make_inputs(total: int, d: int, world: int, device: torch.device,
+                gathered: bool = True) -> tuple[torch.Tensor, ...]:
     """(image, text, all_image, all_text, scale): rank 0's rows and the gathered batch.
-    At W = 1 the gathered tensors ARE the local ones (the gather is a no-op)."""
+    At W = 1, or with `gathered=False` (the ring), the "gathered" tensors ARE the local ones."""
     gen = torch.Generator().manual_seed(0)
     b = total // world
     img, txt = unit_rows(b, d, gen, device), unit_rows(b, d, gen, device)
-    if world == 1:
+    if world == 1 or not gathered:
         all_img, all_txt = img, txt
     else:
         all_img, all_txt = unit_rows(total, d, gen, device), unit_rows(total, d, gen, device)
@@ -101,7 +152,7 @@ def measure(impl: str, total: int, d: int, world: int, repeats: int, warmup: int
     """Median time and peak memory of forward+backward (one rank's share)."""
     dev = torch.device(device)
     mem = PeakMemory(dev)
-    img, txt, all_img, all_txt, scale = make_inputs(total, d, world, dev)
+    img, txt, all_img, all_txt, scale = make_inputs(total, d, world, dev, gathered=impl != "ring")
     loss_fn = make_loss(impl, world, all_img, all_txt, block_size)
     leaves = (img, txt, all_img, all_txt, scale)
     mem.reset_peak()
@@ -123,13 +174,18 @@ def check_equivalence() -> None:
     results = []
     for impl in IMPLS:
         img, txt, all_img, all_txt, scale = make_inputs(256, 32, 4, torch.device("cpu"))
-        loss = make_loss(impl, 4, all_img, all_txt, block_size=16)(img, txt, scale)
+        loss = make_loss(impl, 4, all_img, all_txt, block_size=16, ring_blocks=True)(img, txt, scale)
         loss.backward()
         results.append([loss.detach()] + [t.grad for t in (img, txt, all_img, all_txt, scale)])
-    for name, a, b in zip(("loss", "d_img", "d_txt", "d_all_img", "d_all_txt", "d_scale"), *results):
-        if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
-            raise SystemExit(f"equivalence check failed on {name}: max diff {(a - b).abs().max():.3g}")
-    print("# equivalence check (B=256, d=32, W=4): loss and all gradients equal (1e-4)")
+    names = ("loss", "d_img", "d_txt", "d_all_img", "d_all_txt", "d_scale")
+    for impl, res in zip(IMPLS[1:], results[1:]):
+        for name, a, b in zip(names, results[0], res):
+            if impl == "ring" and name in ("d_all_img", "d_all_txt"):
+                continue  # the ring has no gathered leaves; its own-row gradients are compared
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
+                raise SystemExit(f"equivalence check failed for {impl} on {name}: max diff {(a - b).abs().max():.3g}")
+    print("# equivalence check (B=256, d=32, W=4): ours equals open_clip in the loss and every gradient, "
+          "the ring in the loss, the logit-scale and the local-row gradients (1e-4)")
 
 
 def _child(impl: str, total: int, d: int, world: int, repeats: int, warmup: int, block_size: int | None,
@@ -168,6 +224,18 @@ class Runner:
             self.pool.join()
 
 
+def verdict(world: int, mem_r: float | None, time_r: float | None, b: int, total: int, d: int) -> str:
+    """Issue 8's target for one side: <= 1/4 of open_clip's memory at <= 1.1x its time (W <= 8)."""
+    if world > 8:
+        return "n/a"
+    if mem_r is None or time_r is None:
+        return f"open_clip skipped (est. {open_clip_estimate(b, total, d) / (1 << 30):.0f} GiB)"
+    if mem_r <= 0.25 and time_r <= 1.1:
+        return "met"
+    missed = [what for what, bad in (("mem", mem_r > 0.25), ("time", time_r > 1.1)) if bad]
+    return f"NOT met ({'+'.join(missed)})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32768, help="global batch B")
@@ -183,6 +251,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-check", action="store_true", help="skip the equivalence check")
+    p.add_argument("--no-ring", action="store_true", help="leave out the ring-exchange columns")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     require_open_clip()
@@ -196,9 +265,11 @@ def main() -> None:
     if not args.skip_check:
         check_equivalence()
     headers = ["dim", "W", "b", "floor MiB", "open_clip s", "open_clip MiB", "ours s", "ours MiB",
-               "mem ours/oc", "time ours/oc", "ours/floor", "target (W<=8)"]
+               "mem ours/oc", "time ours/oc", "ours/floor", "target (W<=8)",
+               "ring s", "ring MiB", "mem ring/oc", "time ring/oc", "ring/floor", "ring target (W<=8)"]
     rows = []
     runner = Runner(args)
+    impls = IMPLS if not args.no_ring else IMPLS[:2]
     print("| " + " | ".join(headers) + " |", flush=True)
     for d in args.dims:
         for world in args.world_sizes:
@@ -208,29 +279,26 @@ def main() -> None:
             for r in range(args.rounds):
                 # Alternate the order each round, so a slow spell of a shared machine does not
                 # always fall on the same side; keep each side's best (least disturbed) figures.
-                for impl in IMPLS if r % 2 == 0 else IMPLS[::-1]:
+                for impl in impls if r % 2 == 0 else impls[::-1]:
                     if not (impl == "open_clip" and skip_oc):
                         runs[impl].append(runner(impl, d, world))
             res: dict[str, dict[str, Any] | None] = {
                 impl: {"time_s": min(x["time_s"] for x in xs), "peak_bytes": min(x["peak_bytes"] for x in xs)}
                 if xs else None for impl, xs in runs.items()}
-            oc, ours = res["open_clip"], res["ours"]
+            oc = res["open_clip"]
             floor = floor_bytes(args.batch, d)
-            mem_r = ours["peak_bytes"] / oc["peak_bytes"] if oc and ours else None
-            time_r = ours["time_s"] / oc["time_s"] if oc and ours else None
-            if world > 8:
-                verdict = "n/a"
-            elif mem_r is None:
-                verdict = f"open_clip skipped (est. {open_clip_estimate(b, args.batch, d) / (1 << 30):.0f} GiB)"
-            else:
-                verdict = "met" if mem_r <= 0.25 and time_r <= 1.1 else (
-                    f"NOT met ({'mem' if mem_r > 0.25 else ''}{'+' if mem_r > 0.25 and time_r > 1.1 else ''}"
-                    f"{'time' if time_r > 1.1 else ''})")
-            row = [d, world, b, round(floor / MIB),
-                   f"{oc['time_s']:.3f}" if oc else "-", round(oc["peak_bytes"] / MIB) if oc else "-",
-                   f"{ours['time_s']:.3f}", round(ours["peak_bytes"] / MIB),
-                   f"{mem_r:.3f}" if mem_r is not None else "-", f"{time_r:.2f}" if time_r is not None else "-",
-                   f"{ours['peak_bytes'] / floor:.2f}", verdict]
+            row: list[Any] = [d, world, b, round(floor / MIB),
+                              f"{oc['time_s']:.3f}" if oc else "-", round(oc["peak_bytes"] / MIB) if oc else "-"]
+            for impl in ("ours", "ring"):
+                mine = res[impl]
+                if mine is None:  # --no-ring
+                    row += ["-"] * (6 if impl == "ours" else 6)
+                    continue
+                mem_r = mine["peak_bytes"] / oc["peak_bytes"] if oc else None
+                time_r = mine["time_s"] / oc["time_s"] if oc else None
+                row += [f"{mine['time_s']:.3f}", round(mine["peak_bytes"] / MIB),
+                        f"{mem_r:.3f}" if mem_r is not None else "-", f"{time_r:.2f}" if time_r is not None else "-",
+                        f"{mine['peak_bytes'] / floor:.2f}", verdict(world, mem_r, time_r, b, args.batch, d)]
             rows.append(row)
             print(md_table(headers, [row]).splitlines()[-1], flush=True)
     runner.close()

@@ -86,7 +86,7 @@ def cached_grads(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, c
     return float(loss), grads_of(model)
 
 
-@pytest.mark.parametrize("loss_name", ["clip", "clip_tiled"])
+@pytest.mark.parametrize("loss_name", ["clip", "clip_tiled", "clip_ring"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_vit_cached_equals_full_batch(loss_name: str, checkpointing: bool) -> None:
     model = make_model("ViT-tiny", checkpointing=checkpointing)

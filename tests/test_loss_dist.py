@@ -1,10 +1,10 @@
-"""Distributed tests of pretrain.loss ("clip", "clip_tiled", "siglip"): 2 and 4 gloo
+"""Distributed tests of pretrain.loss ("clip", "clip_tiled", "clip_ring", "siglip"): 2 and 4 gloo
 processes on CPU against one process computing the full global batch (fp32).
 
 Convention checked (see pretrain/loss/clip.py): mean of the ranks' losses == full-batch loss;
 the gradient w.r.t. rank r's own features == world_size x the full-batch gradient of those
 rows; the rank-averaged logit-scale (and SigLIP bias) and parameter gradients == the
-full-batch ones. The reference of "clip_tiled" is the plain "clip" loss. Each world size
+full-batch ones. The reference of "clip_tiled" and "clip_ring" is the plain "clip" loss. Each world size
 starts its processes once and runs every case in them (spawn is the slow part).
 
 Run: `.venv/bin/python -m pytest -q tests/test_loss_dist.py`
@@ -29,6 +29,7 @@ BIAS = -4.0  # SigLIP bias: with d=8 random features, keeps both label signs in 
 LOSSES: dict[str, tuple[str, dict[str, Any], str]] = {
     "clip": ("clip", {}, "clip"),
     "clip_tiled": ("clip_tiled", {"block_size": 3}, "clip"),  # blocks straddle rank slices
+    "clip_ring": ("clip_ring", {"block_size": 2}, "clip"),  # several blocks per ring hop
     "siglip": ("siglip", {}, "siglip"),
 }
 
@@ -47,6 +48,7 @@ MODEL_CASES: dict[int, list[ModelCase]] = {
         (*VIT, True, True, [3, 3], "clip"),
         (*VIT, True, False, [2, 4], "clip"),
         (*VIT, True, True, [3, 3], "clip_tiled"),
+        (*VIT, True, True, [2, 4], "clip_ring"),
         # ResNet in eval mode: in train mode BatchNorm normalises each rank's slice with that
         # slice's statistics, a different function from full-batch BN (not a loss property).
         ("RN-tiny", {"image_size": 32}, False, False, [3, 3], "clip"),
@@ -55,6 +57,7 @@ MODEL_CASES: dict[int, list[ModelCase]] = {
     4: [
         (*VIT, True, False, [2, 2, 2, 2], "clip"),
         (*VIT, True, True, [2, 2, 2, 2], "clip"),
+        (*VIT, True, False, [1, 3, 2, 2], "clip_ring"),
     ],
 }
 

@@ -161,7 +161,7 @@ class TrainConfig:
         _check(self.loss in list_losses(), f"train.loss {self.loss!r} is unknown; choose one of {list_losses()}")
         # gradient caching replays d loss / d (features, scale) only; SigLIP's bias has no path there
         _check(not (self.grad_cache and self.loss == "siglip"),
-               "train.grad_cache supports the softmax losses (clip, clip_tiled) only, not train.loss=siglip")
+               "train.grad_cache supports the softmax losses (clip, clip_tiled, clip_ring) only, not train.loss=siglip")
         _check(self.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1")
         _check(self.logit_scale_max > 1, "train.logit_scale_max must be > 1")
 

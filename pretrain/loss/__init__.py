@@ -3,6 +3,7 @@
     from pretrain.loss import clip_loss, get_loss
     loss = clip_loss(image_features, text_features, logit_scale)   # plain or distributed
     loss_fn = get_loss("clip_tiled", block_size=4096)                # chosen by run config
+    loss_fn = get_loss("clip_ring")    # ring exchange: never holds the gathered batch
     loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
 
 Every loss takes this rank's [b, d] features and follows one gradient convention: the
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 from pretrain.loss.clip import clip_loss
 from pretrain.loss.gather import gather_features, world_info
+from pretrain.loss.ring import clip_loss_ring
 from pretrain.loss.siglip import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE, siglip_loss
 from pretrain.loss.tiled import clip_loss_tiled
 
@@ -25,6 +27,7 @@ from pretrain.loss.tiled import clip_loss_tiled
 _LOSSES: dict[str, Callable[..., Any]] = {
     "clip": clip_loss,
     "clip_tiled": clip_loss_tiled,
+    "clip_ring": clip_loss_ring,
     "siglip": siglip_loss,
 }
 
@@ -47,6 +50,7 @@ __all__ = [
     "SIGLIP_INIT_BIAS",
     "SIGLIP_INIT_LOG_SCALE",
     "clip_loss",
+    "clip_loss_ring",
     "clip_loss_tiled",
     "gather_features",
     "get_loss",

@@ -68,6 +68,61 @@ def _matmul_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, accumulate
         out.copy_(x @ y)
 
 
+def new_row_state(b: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(running max, running sum of exp, positive logit) of b rows, before any column."""
+    return (torch.full((b,), float("-inf"), device=device, dtype=dtype),
+            torch.zeros((b,), device=device, dtype=dtype), torch.zeros((b,), device=device, dtype=dtype))
+
+
+def fold_columns(a_s: torch.Tensor, c: torch.Tensor, run_max: torch.Tensor, run_sum: torch.Tensor,
+                 positive: torch.Tensor, offset: int | None, block_size: int) -> None:
+    """Fold the logits of rows `a_s` (scale already applied) against columns `c` into the
+    rows' streaming log-sum-exp state, in place, one b x block_size block at a time. Row i's
+    positive is column `offset + i` of `c` (None: `c` holds no positives)."""
+    b, acc = a_s.shape[0], run_sum.dtype
+    for start in range(0, c.shape[0], block_size):
+        stop = min(start + block_size, c.shape[0])
+        z = (a_s @ c[start:stop].T).to(acc)  # (b, k), the only b x k buffer
+        if offset is not None:
+            rows, cols = _positives_in_block(b, offset, start, stop, a_s.device)
+            positive[rows] = z[rows, cols]
+        new_max = torch.maximum(run_max, z.amax(dim=1))
+        # first block: exp(-inf - finite) = 0 multiplies an empty sum, as it should
+        run_sum.mul_(torch.exp(run_max - new_max)).add_(z.sub_(new_max[:, None]).exp_().sum(dim=1))
+        run_max.copy_(new_max)
+        del z
+
+
+def row_ce(row_max: torch.Tensor, row_sum: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy from the streaming state: lse - positive."""
+    return (row_max - positive) + torch.log(row_sum)
+
+
+def backprop_columns(a_s: torch.Tensor, c: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor,
+                     g: torch.Tensor, offset: int | None, block_size: int, grad_a: torch.Tensor,
+                     grad_c: torch.Tensor | None, accumulate_c: bool) -> None:
+    """Backward of `fold_columns` for per-row loss gradients `g`: recomputes each block,
+    dz = g * (softmax - onehot), and adds dz @ c to `grad_a` (= dL/d(sA)); writes (or, with
+    `accumulate_c`, adds) dz^T @ a_s (= dL/dc) into `grad_c` unless it is None."""
+    acc = grad_a.dtype
+    # The softmax is exp(z - max) / sum, never exp(z - lse): with z and lse both ~100
+    # (scale 100) the latter loses digits that a softmax keeps.
+    g_over_sum = (g / row_sum)[:, None]
+    for start in range(0, c.shape[0], block_size):
+        stop = min(start + block_size, c.shape[0])
+        c_blk = c[start:stop]
+        # dz = dL/dz, built in place in the one b x k buffer
+        dz = (a_s @ c_blk.T).to(acc).sub_(row_max[:, None]).exp_().mul_(g_over_sum)
+        if offset is not None:
+            rows, cols = _positives_in_block(a_s.shape[0], offset, start, stop, a_s.device)
+            dz[rows, cols] -= g[rows]
+        dz = dz.to(a_s.dtype)
+        _matmul_into(grad_a, dz, c_blk, accumulate=True)
+        if grad_c is not None:
+            _matmul_into(grad_c[start:stop], dz.T, a_s, accumulate=accumulate_c)  # = s dz^T A
+        del dz
+
+
 class TiledRowCE(torch.autograd.Function):
     """ce[i] = logsumexp_j(z[i, j]) - z[i, offset + i], z = scale * a @ c.T, in column
     blocks of c. The positive is held inside the function so that the backward forms
@@ -82,19 +137,8 @@ class TiledRowCE(torch.autograd.Function):
         b = a.shape[0]
         acc = _acc_dtype(a)
         a_s = a * scale  # scale folded into the b x d side, as the plain loss does: (s A) C^T
-        run_max = torch.full((b,), float("-inf"), device=a.device, dtype=acc)
-        run_sum = torch.zeros((b,), device=a.device, dtype=acc)
-        positive = torch.zeros((b,), device=a.device, dtype=acc)
-        for start in range(0, c.shape[0], block_size):
-            stop = min(start + block_size, c.shape[0])
-            z = (a_s @ c[start:stop].T).to(acc)  # (b, k), the only b x k buffer
-            rows, cols = _positives_in_block(b, offset, start, stop, a.device)
-            positive[rows] = z[rows, cols]
-            new_max = torch.maximum(run_max, z.amax(dim=1))
-            # first block: exp(-inf - finite) = 0 multiplies an empty sum, as it should
-            run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(dim=1)
-            run_max = new_max
-            del z
+        run_max, run_sum, positive = new_row_state(b, a.device, acc)
+        fold_columns(a_s, c, run_max, run_sum, positive, offset, block_size)
         # The backward normalises with exp(z - max) / sum, never exp(z - lse): with z and lse
         # both ~100 (scale 100) the latter loses digits that a softmax keeps.
         ctx.save_for_backward(a, c, scale, run_max, run_sum)
@@ -105,7 +149,7 @@ class TiledRowCE(torch.autograd.Function):
             torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type),
         )
-        return (run_max - positive) + torch.log(run_sum)
+        return row_ce(run_max, run_sum, positive)
 
     @staticmethod
     def backward(ctx: Any, grad_ce: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -121,21 +165,9 @@ class TiledRowCE(torch.autograd.Function):
         need_a, need_c, need_s = ctx.needs_input_grad[:3]
         a_s = a * scale
         g = grad_ce.to(acc)
-        g_over_sum = (g / row_sum)[:, None]
         grad_a = torch.zeros(a.shape, device=a.device, dtype=acc)  # dL/d(sA); also gives dL/ds
         grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype) if need_c else None
-        for start in range(0, c.shape[0], block_size):
-            stop = min(start + block_size, c.shape[0])
-            c_blk = c[start:stop]
-            # dz = dL/dz = g * (softmax - onehot), built in place in the one b x k buffer
-            dz = (a_s @ c_blk.T).to(acc).sub_(row_max[:, None]).exp_().mul_(g_over_sum)
-            rows, cols = _positives_in_block(a.shape[0], offset, start, stop, a.device)
-            dz[rows, cols] -= g[rows]
-            dz = dz.to(a.dtype)
-            _matmul_into(grad_a, dz, c_blk, accumulate=True)
-            if need_c:
-                _matmul_into(grad_c[start:stop], dz.T, a_s, accumulate=False)  # = s dz^T A
-            del dz
+        backprop_columns(a_s, c, row_max, row_sum, g, offset, block_size, grad_a, grad_c, accumulate_c=False)
         # z = (sA) C^T: dL/dA = s dL/d(sA), dL/ds = sum(A * dL/d(sA)); dot and mul_ make no
         # b x d temporaries
         grad_s = torch.dot(a.to(acc).reshape(-1), grad_a.reshape(-1)) if need_s else None
