@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -87,6 +87,7 @@ class Launch:
     output: str
     run_dir: Path
     seconds: float
+    leaked_shm: list[str] = field(default_factory=list)  # /dev/shm workspaces left behind
 
 
 def _command(run_dir: Path, overrides: list[str], nprocs: int) -> list[str]:
@@ -122,9 +123,18 @@ def finish(proc: subprocess.Popen, run_dir: Path, started: float, timeout: float
     return Launch(proc.returncode, output + "".join(box), run_dir, time.monotonic() - started)
 
 
+def shm_workspaces() -> set[str]:
+    """DeepSpeed CPU all-reduce workspaces in /dev/shm (see pretrain/train/distributed.py)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
+
+
 def launch(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: float = 300) -> Launch:
     started = time.monotonic()
-    return finish(start(run_dir, overrides, nprocs), run_dir, started, timeout)
+    before = shm_workspaces()
+    result = finish(start(run_dir, overrides, nprocs), run_dir, started, timeout)
+    result.leaked_shm = sorted(shm_workspaces() - before)
+    return result
 
 
 def rank_pids(proc: subprocess.Popen) -> dict[int, int]:

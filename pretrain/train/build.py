@@ -19,7 +19,7 @@ import torch.distributed as dist
 from pretrain.config import RunConfig
 from pretrain.models import create_model
 from pretrain.train.checkpoint import complete_tags
-from pretrain.train.distributed import broadcast_object
+from pretrain.train.distributed import broadcast_object, release_shm_workspace
 from pretrain.train.ds_config import build_ds_config, guards_nonfinite_in_optimizer, uses_cpu_adam
 from pretrain.train.init_from import init_model_from
 from pretrain.train.optim import build_optimizer
@@ -53,6 +53,9 @@ def build_engine(cfg: RunConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg, cpu_adam=uses_cpu_adam(cfg), guard=guards_nonfinite_in_optimizer(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # initialize() starts the process group itself when the caller has not (tests, notebooks):
+    # DeepSpeed's shm workspace name must go then too (distributed.release_shm_workspace)
+    release_shm_workspace()
     match_buffer_dtype(engine.module)
     return engine, ds_config
 

@@ -5,6 +5,9 @@ per device, or a plain single process.
   or SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS (srun; MASTER_ADDR/MASTER_PORT must be set
   by the job script); with neither, a single process on a free local port;
 - NCCL on CUDA, gloo on CPU, chosen at run time;
+- DeepSpeed's CPU shared-memory all-reduce workspace is unlinked as soon as every rank has
+  mapped it (`release_shm_workspace`): DeepSpeed itself never removes it, so every launch
+  would leave 66 MB per rank in /dev/shm (RAM) until reboot;
 - `finish(code)` ends a worker with barrier + destroy_process_group + an immediate
   `os._exit`: letting the interpreter tear down a live gloo group aborts the process now and
   then ("terminate called without an active exception", MACHINE.md), which the launcher
@@ -103,9 +106,37 @@ def init(env: DistEnv, timeout_s: int) -> torch.device:
     if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
         raise RuntimeError(f"process group has rank {dist.get_rank()}/{dist.get_world_size()}, "
                            f"launch env says {env.rank}/{env.world_size}")
+    release_shm_workspace()
     log.info("process group: %s, world size %d, device %s (launcher: %s)", backend, env.world_size, device,
              env.launcher)
     return device
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_workspace_name(rank: int) -> str:
+    """The name DeepSpeed's CPU shm all-reduce gives rank `rank`'s workspace at
+    `init_distributed` (deepspeed/ops/csrc/cpu/comm/shm.cpp: buffer, uid, MASTER_ADDR,
+    MASTER_PORT, rank)."""
+    return (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_workspace() -> bool:
+    """Unlink this rank's shm all-reduce workspace name once every rank has mapped every
+    workspace (the barrier: DeepSpeed maps all of them inside `init_distributed`). The
+    mappings stay valid until the processes exit, and then the memory is freed even after a
+    crash or a SIGKILL; left alone, DeepSpeed never unlinks it. True if a name was removed
+    (False on GPU or multi-node runs, which do not use it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    try:
+        os.remove(os.path.join(SHM_DIR, shm_workspace_name(dist.get_rank())))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def barrier() -> None:
