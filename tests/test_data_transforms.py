@@ -155,3 +155,18 @@ def test_train_transform_rejects_bad_scale():
         train_transform(32, (0.0, 1.0))
     with pytest.raises(ValueError):
         train_transform(32, (0.9, 0.5))
+
+
+def test_train_transform_writes_into_a_batch_row():
+    # The loader decodes straight into rows of one batch buffer: same values as the
+    # allocating call, the neighbouring rows untouched, a wrong buffer rejected.
+    photo = _real_photo(64)
+    tf = train_transform(32, (0.9, 1.0))
+    want = tf(Image.fromarray(photo), random.Random(5))
+    batch = torch.full((3, 3, 32, 32), 7.0)
+    got = tf(Image.fromarray(photo), random.Random(5), batch[1])
+    assert got.data_ptr() == batch[1].data_ptr()
+    assert torch.equal(batch[1], want)
+    assert (batch[0] == 7.0).all() and (batch[2] == 7.0).all()
+    with pytest.raises(ValueError, match="out must be"):
+        tf(Image.fromarray(photo), random.Random(5), torch.empty(3, 16, 16))

@@ -24,6 +24,7 @@ a sample repeated within one batch (resampling) is replaced the same way, withou
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -115,26 +116,32 @@ class BatchStream(IterableDataset):
     def _key(sample: dict) -> str:
         return f"{sample['__url__']}#{sample['__key__']}"
 
-    def _decode(self, sample: dict, transform: Callable, counter: SkipCounter):
+    def _decode(self, sample: dict, transform: Callable, counter: SkipCounter,
+                out: torch.Tensor) -> tuple[str, str] | None:
+        """Decode one sample's image into `out` (a row of the batch buffer); (caption, key),
+        or None (counted) when it fails."""
         key = self._key(sample)
         try:
-            image = transform(load_bytes(sample["image"]), sample_rng(self.cfg.seed, self.cfg.epoch, key))
+            transform(load_bytes(sample["image"]), sample_rng(self.cfg.seed, self.cfg.epoch, key), out)
             caption = load_bytes(sample["txt"]).decode("utf-8")
         except Exception as exn:  # noqa: BLE001 - a bad sample is skipped and counted
             counter.skip(f"{key}: {exn!r}", key)
             return None
-        return image, caption, key
+        return caption, key
 
     def _make_batch(self, raw: list[dict], samples: ShuffleBuffer, transform: Callable,
                     counter: SkipCounter) -> dict:
         cfg = self.cfg
+        # Every image is written straight into its row of one batch buffer (shared memory in a
+        # worker): no per-sample tensor, no stacking copy, no copy on the way to the trainer.
+        images = batch_buffer((cfg.micro_batch, 3, cfg.image_size, cfg.image_size))
         keys = [self._key(s) for s in raw]
         taken: set[str] = set()
-        slots = []
-        for sample, key in zip(raw, keys):
+        slots: list[tuple[str, str] | None] = []
+        for i, (sample, key) in enumerate(zip(raw, keys)):
             # A repeat inside one batch (resampling can draw a shard twice) would be a false
             # negative for the contrastive loss: replace it like a bad sample (not counted).
-            slots.append(None if key in taken else self._decode(sample, transform, counter))
+            slots.append(None if key in taken else self._decode(sample, transform, counter, images[i]))
             taken.add(key)
         for i, slot in enumerate(slots):
             if slot is not None:
@@ -147,29 +154,45 @@ class BatchStream(IterableDataset):
                 if cand is None or self._key(cand) in taken:
                     continue
                 taken.add(self._key(cand))
-                slots[i] = self._decode(cand, transform, counter)
+                slots[i] = self._decode(cand, transform, counter, images[i])
                 if slots[i] is not None:
                     break
-        good = [s for s in slots if s is not None]
+        good = [i for i, s in enumerate(slots) if s is not None]
         if not good:
             raise RuntimeError(f"no decodable sample in a whole batch and its replacements "
                                f"(last error: {counter.last_error})")
         # Last resort (buffer full of bad data): repeat good samples of this batch.
         filler = itertools.cycle(good)
-        slots = [s if s is not None else next(filler) for s in slots]
-        tokens = cfg.tokenizer([s[1] for s in slots], context_length=cfg.context_length)
+        for i, slot in enumerate(slots):
+            if slot is None:
+                j = next(filler)
+                images[i].copy_(images[j])
+                slots[i] = slots[j]
+        captions = [s[0] for s in slots]  # type: ignore[index]
+        tokens = cfg.tokenizer(captions, context_length=cfg.context_length)
         if tuple(tokens.shape) != (cfg.micro_batch, cfg.context_length):
             raise ValueError(f"tokenizer returned shape {tuple(tokens.shape)}, expected "
                              f"({cfg.micro_batch}, {cfg.context_length})")
         batch = {
-            "images": torch.stack([s[0] for s in slots]),
+            "images": images,
             "tokens": tokens.long(),
             "skipped": torch.tensor(counter.since_batch, dtype=torch.long),
         }
         if cfg.return_keys:
-            batch["keys"] = [s[2] for s in slots]
+            batch["keys"] = [s[1] for s in slots]  # type: ignore[index]
         counter.since_batch = 0
         return batch
+
+
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker its storage is allocated in shared
+    memory, so handing the batch to the main process copies nothing (what torch's
+    default_collate does for the batches it stacks)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).view(shape)
 
 
 class TrainLoader:

@@ -139,22 +139,32 @@ _STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1)
 _LUT = ((torch.arange(256, dtype=torch.float32).view(1, 256).div(255.0) - _MEAN) / _STD).numpy()
 
 
-def to_normalized_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
-    """uint8 RGB [H, W, 3] -> float32 [3, H, W]: (x / 255 - mean) / std, CLIP's mean/std."""
+def to_normalized_tensor(img: Image.Image | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 RGB [H, W, 3] -> float32 [3, H, W]: (x / 255 - mean) / std, CLIP's mean/std.
+
+    ``out``: a contiguous float32 [3, H, W] tensor to write into (e.g. a row of a batch
+    buffer): no per-sample allocation, whose page faults cost as much as the arithmetic."""
     if isinstance(img, Image.Image) and img.mode != "RGB":
         img = img.convert("RGB")
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {arr.shape}")
-    out = np.empty((3, arr.shape[0], arr.shape[1]), dtype=np.float32)
+    shape = (3, arr.shape[0], arr.shape[1])
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}; got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    planes = out.numpy()
     for c in range(3):
-        np.take(_LUT[c], arr[..., c], out=out[c])
-    return torch.from_numpy(out)
+        np.take(_LUT[c], arr[..., c], out=planes[c])
+    return out
 
 
 def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.9, 1.0),
-                    reduced_decode: bool = True) -> Callable[[ImageInput, random.Random], torch.Tensor]:
-    """``f(image, rng) -> FloatTensor[3, S, S]``: random square crop, bicubic resize, normalise.
+                    reduced_decode: bool = True) -> Callable[..., torch.Tensor]:
+    """``f(image, rng, out=None) -> FloatTensor[3, S, S]``: random square crop, bicubic
+    resize, normalise (into ``out`` when given, see ``to_normalized_tensor``).
 
     The crop box is drawn from the header size before decoding, so the JPEG can be decoded at
     the smallest scale that still gives the crop at least ``image_size`` pixels per side.
@@ -164,7 +174,7 @@ def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.9, 1.0
         raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
     size = int(image_size)
 
-    def apply(data: ImageInput, rng: random.Random) -> torch.Tensor:
+    def apply(data: ImageInput, rng: random.Random, out: torch.Tensor | None = None) -> torch.Tensor:
         w, h = header_size(data)
         box = random_square_crop_box(w, h, rng, (lo, hi))
         side = box[2] - box[0]
@@ -172,7 +182,7 @@ def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.9, 1.0
         img = decode_rgb(data, need)
         fx, fy = img.size[0] / w, img.size[1] / h  # < 1 when decoded at a reduced scale
         scaled = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-        return to_normalized_tensor(crop_resize(img, scaled, size))
+        return to_normalized_tensor(crop_resize(img, scaled, size), out)
 
     return apply
 
