@@ -31,6 +31,10 @@ CONFIGS = [
     ("z2_fp32_offload_vit", ["--train.zero_stage=2", "--train.offload_optimizer=true", "--optimizer.impl=torch",
                              "--model.name=ViT-tiny"]),
     ("z3_fp32_vit", ["--train.zero_stage=3", "--model.name=ViT-tiny"]),
+    # the ring-exchange loss on a real engine: its point-to-point hops share the group with
+    # ZeRO-2's collectives; the reference is still the plain loss on the full batch
+    ("z2_fp32_ring_vit", ["--train.zero_stage=2", "--model.name=ViT-tiny", "--train.loss=clip_ring",
+                          "--train.loss_options={block_size: 3}"]),
     ("z3_bf16_rn", ["--train.zero_stage=3", "--train.precision=bf16", "--model.name=RN-tiny"]),
     ("z1_fp16_vit", ["--train.zero_stage=1", "--train.precision=fp16", "--model.name=ViT-tiny"]),
 ]
@@ -98,9 +102,9 @@ def _work(rank: int, world: int) -> dict:
     from pretrain.train.step import train_step
 
     results = {}
-    loss_fn = get_loss("clip")
     for name, extra in CONFIGS:
         cfg = base_config(COMMON + extra)
+        loss_fn = get_loss(cfg.train.loss, **cfg.train.loss_options)
         engine, _ = build_engine(cfg, world)
         sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
 
@@ -168,7 +172,12 @@ def test_two_ranks_equal_one_process_full_batch(spawned, name):
     got = spawned[name]["after_first"]
     assert set(got) == set(ref_params)
     moved = max_abs_diff(ref_params, {k: v for k, v in got.items()}, keys=list(ref_params))
-    assert moved < 2e-6, f"{name}: parameters differ from the full-batch step by {moved}"
+    # Adam's first update is lr * g / (|g| + eps): near g = 0 it moves by lr / eps = 1e3 per
+    # unit of gradient, so a gradient rounding of 1e-9 shows as 1e-6 here. The ring sums the
+    # column gradients in another order than the all-gather's backward (its gradients match
+    # the full batch to 1e-7: test_loss_ring.py, test_loss_dist.py), hence its looser bound.
+    tol = 1e-5 if "ring" in name else 2e-6
+    assert moved < tol, f"{name}: parameters differ from the full-batch step by {moved}"
 
 
 @pytest.mark.parametrize("name", [n for n, _ in CONFIGS])
