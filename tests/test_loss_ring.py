@@ -56,7 +56,7 @@ def run_ring(img: torch.Tensor, txt: torch.Tensor, log_scale: float, sizes: list
     """Every rank's loss and gradients, each rank in its own thread (autocast is per thread,
     so it is entered there)."""
     queues: dict[tuple[int, int], queue.Queue] = {
-        (r, t): queue.Queue() for r in range(len(sizes)) for t in (17, 18)}
+        (r, t): queue.Queue() for r in range(len(sizes)) for t in (17, 18, 19, 20)}
     out: list[dict[str, Any]] = [{} for _ in sizes]
     errors: list[BaseException] = []
 
@@ -94,17 +94,22 @@ def full_batch(img: torch.Tensor, txt: torch.Tensor, log_scale: float) -> dict[s
     return {"loss": loss.detach(), "img": i.grad, "txt": t.grad, "scale": ls.grad}
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sizes", [[5], [4, 4], [3, 5, 2], [2, 0, 6, 1, 3]])
 @pytest.mark.parametrize("block_size", [1, 3, None])
 @pytest.mark.parametrize("log_scale", [2.66, 4.6052])  # 1/0.07 and the clamp value 100
-def test_ring_equals_full_batch(sizes: list[int], block_size: int | None, log_scale: float) -> None:
-    img, txt = unit_rows(sum(sizes), 6, 0), unit_rows(sum(sizes), 6, 1)
+def test_ring_equals_full_batch(dtype: torch.dtype, sizes: list[int], block_size: int | None,
+                                log_scale: float) -> None:
+    # float64: the algorithm itself is exact (1e-10). float32: the issue's 1e-5, against the
+    # plain loss in float32 (at scale 100 with d = 6 both are ~8e-6 off the float64 values).
+    img, txt = unit_rows(sum(sizes), 6, 0, dtype), unit_rows(sum(sizes), 6, 1, dtype)
     ref = full_batch(img, txt, log_scale)
     ranks = run_ring(img, txt, log_scale, sizes, block_size)
     world = len(sizes)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
 
     def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{sizes} {what}: {m}")
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{sizes} {what}: {m}")
 
     close(torch.stack([r["loss"] for r in ranks]).mean(), ref["loss"], "mean loss")
     close(torch.stack([r["scale"] for r in ranks]).mean(0), ref["scale"], "scale grad")
@@ -146,7 +151,7 @@ def test_unequal_row_gradients_reach_every_rank() -> None:
     ref = (w * (ce(s * i @ t.T, labels, reduction="none") + ce(s * t @ i.T, labels, reduction="none"))).sum()
     ref_img, ref_txt = torch.autograd.grad(ref, [i, t])
 
-    queues: dict[tuple[int, int], queue.Queue] = {(r, g): queue.Queue() for r in range(2) for g in (17, 18)}
+    queues: dict[tuple[int, int], queue.Queue] = {(r, g): queue.Queue() for r in range(2) for g in (17, 18, 19, 20)}
     grads: list[Any] = [None, None]
 
     def rank_fn(rank: int) -> None:
