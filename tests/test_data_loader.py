@@ -130,11 +130,16 @@ def test_determinism_and_variation(data):
     for other in (dict(epoch=1), dict(rank=1, world_size=2), dict(seed=1)):
         assert [b["keys"] for b in load(pattern, num_workers=2, **other)] != [b["keys"] for b in base]
     # A sample drawn again in another epoch gets another crop (augmentation keyed by epoch).
+    # The key includes the shard's path (a fresh temporary directory per session), so the
+    # draws differ between sessions: on these small images two epochs can pick the same box
+    # for one sample now and then, never for a whole batch.
     tf = train_transform(S, (0.5, 1.0))
-    url, key = base[0]["keys"][0].split("#")
-    jpg = read_member(url, key, "jpg")
-    assert not torch.equal(tf(jpg, sample_rng(0, 0, base[0]["keys"][0])),
-                           tf(jpg, sample_rng(0, 1, base[0]["keys"][0])))
+    changed = []
+    for full_key in base[0]["keys"]:
+        url, key = full_key.split("#")
+        jpg = read_member(url, key, "jpg")
+        changed.append(not torch.equal(tf(jpg, sample_rng(0, 0, full_key)), tf(jpg, sample_rng(0, 1, full_key))))
+    assert sum(changed) >= len(changed) // 2, changed
 
 
 @pytest.mark.timeout(90)
