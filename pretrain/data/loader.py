@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -214,13 +215,31 @@ class TrainLoader:
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        feeders_before = set(_queue_feeders())
+        it = iter(loader)
         n = 0
-        for batch in loader:
-            self._skipped += int(batch["skipped"])
-            n += 1
-            yield batch
+        try:
+            for batch in it:
+                self._skipped += int(batch["skipped"])
+                n += 1
+                yield batch
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)  # absent with num_workers=0
+            if shutdown is not None:
+                shutdown()
+            del it
+            # The next epoch's loader forks its workers right away. With CPython < 3.12 a fork
+            # while a thread is deleting its state (these queues' feeder threads exit after
+            # the shutdown above) deadlocks the child in PyOS_AfterFork_Child: wait for them.
+            for thread in set(_queue_feeders()) - feeders_before:
+                thread.join(timeout=10)
         if n != len(self):  # would mean a bug in the stream split, never silently accepted
             raise RuntimeError(f"loader produced {n} batches, expected {len(self)}")
+
+
+def _queue_feeders() -> list[threading.Thread]:
+    """The live feeder threads of multiprocessing queues (the DataLoader's index queues)."""
+    return [t for t in threading.enumerate() if t.name == "QueueFeederThread"]
 
 
 def make_train_loader(sources: Sequence[DataSource], *, tokenizer: Callable, image_size: int,
