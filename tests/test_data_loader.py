@@ -266,3 +266,18 @@ def test_fsspec_urls_and_remote_manifest(data):
     local = load(shards.pattern, steps=3, resampled=False)
     assert [[k.split("#")[1] for k in b["keys"]] for b in remote] == \
         [[k.split("#")[1] for k in b["keys"]] for b in local]
+
+
+@pytest.mark.timeout(60)
+def test_epoch_end_leaves_no_queue_feeder_thread(data):
+    # The next epoch forks its workers right away; a feeder thread still exiting at that
+    # moment deadlocks the forked child on CPython < 3.12 (a hung demo run was traced to it).
+    import threading
+
+    def feeders():
+        return {t for t in threading.enumerate() if t.name == "QueueFeederThread"}
+
+    before = feeders()
+    for epoch in range(2):
+        assert len(load(data["uneven"].pattern, num_workers=2, epoch=epoch, steps=3)) == 3
+        assert feeders() - before == set()
