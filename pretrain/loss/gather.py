@@ -20,6 +20,7 @@ Run the tests: `.venv/bin/python -m pytest -q tests/test_loss_dist.py`.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,15 +34,15 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_sizes(n: int, device: torch.device) -> list[int]:
-    """Local row counts of every rank, in rank order (`[n]` outside a process group)."""
-    _, world = world_info()
-    if world == 1:
+def gather_sizes(n: int, device: torch.device, group: Any = None) -> list[int]:
+    """Local row counts of every rank of `group` (default: the default process group), in
+    rank order (`[n]` outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return [n]
     # NCCL only moves CUDA tensors, gloo only CPU ones: use the features' own device.
     local = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(sizes, local)
+    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, local, group=group)
     return [int(s.item()) for s in sizes]
 
 

@@ -71,7 +71,7 @@ class ProcessGroupRing:
     def __init__(self, local_rows: int, device: torch.device, group: Any = None) -> None:
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.sizes = gather_sizes(local_rows, device) if group is None else _group_sizes(local_rows, device, group)
+        self.sizes = gather_sizes(local_rows, device, group)
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -88,13 +88,6 @@ class ProcessGroupRing:
         for req in requests:
             req.wait()
         return recv
-
-
-def _group_sizes(n: int, device: torch.device, group: Any) -> list[int]:
-    local = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, local, group=group)
-    return [int(s.item()) for s in sizes]
 
 
 def _fold_tile(img_s: torch.Tensor, txt: torch.Tensor, rows: tuple[torch.Tensor, ...],
