@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from watched import run_watched
+
 pytestmark = [pytest.mark.slow]
 
 
@@ -34,7 +36,9 @@ def mlflow_server(tmp_path_factory):
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        # without the job runner: it starts 7 idle task-queue processes (~1.7 GB) this test never uses
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -68,11 +72,12 @@ def _rest(url: str, path: str, body: dict | None = None) -> dict:
 def test_demo_end_to_end(tmp_path, mlflow_server):
     out = tmp_path / "demo"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
-    proc = subprocess.run(
+    # about a minute on 2 cores; a hang fails with every process's stacks (tests/watched.py)
+    proc = run_watched(
         [sys.executable, "-m", "pretrain.demo", "--out", str(out), "--images", "400", "--steps", "20",
          "--eval-limit", "300", "--shots", "1,2"],
-        env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        env=env, log=tmp_path / "demo.log", timeout=900)
+    assert proc.returncode == 0, proc.output[-8000:]
 
     # 1. the embedded web: noise of every kind was injected and served
     web = json.loads((out / "web" / "web.json").read_text())
@@ -104,7 +109,7 @@ def test_demo_end_to_end(tmp_path, mlflow_server):
     assert summary["train_samples_per_s"] and summary["train_samples_per_s"] > 0
     few = json.loads(next((out / "eval" / "few-shot").glob("*.json")).read_text())
     assert set(few["shots"]) == {"1", "2"}
-    assert "dashboard:" in proc.stdout and mlflow_server in proc.stdout
+    assert "dashboard:" in proc.output and mlflow_server in proc.output
 
     # 5. the MLflow run, seen through the server's REST API
     exps = _rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=clip-demo")

@@ -37,6 +37,7 @@ from .stream import (ReadMode, ShuffleBuffer, SkipCounter, epoch_shards, read_sa
                      resampled_shards, stream_rng, weighted_mix)
 from .tar_reader import load_bytes
 from .transforms import sample_rng, train_transform
+from .workers import worker_context
 
 
 _REPLACE_TRIES = 16
@@ -214,7 +215,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            multiprocessing_context=worker_context() if self.num_workers > 0 else None)
         feeders_before = set(_queue_feeders())
         it = iter(loader)
         n = 0
@@ -228,9 +230,8 @@ class TrainLoader:
             if shutdown is not None:
                 shutdown()
             del it
-            # The next epoch's loader forks its workers right away. With CPython < 3.12 a fork
-            # while a thread is deleting its state (these queues' feeder threads exit after
-            # the shutdown above) deadlocks the child in PyOS_AfterFork_Child: wait for them.
+            # The epoch's workers and their queues' feeder threads are gone before the next
+            # epoch's loader starts: nothing accumulates over a run of many epochs.
             for thread in set(_queue_feeders()) - feeders_before:
                 thread.join(timeout=10)
         if n != len(self):  # would mean a bug in the stream split, never silently accepted
