@@ -29,6 +29,7 @@ import yaml
 from data_pipeline.serve import ImageServer
 from pretrain.demo.web import build_web_files, write_url_list
 from pretrain.packaged_data import fashion_mnist_available
+from pretrain.train.distributed import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -85,7 +86,9 @@ def train(out: Path, manifest_path: Path, n_kept: int, steps: int, eval_dataset:
     cfg["logging"]["every_steps"] = max(1, min(cfg["logging"]["every_steps"], steps // 10))  # >= 10 points
     cfg_path = out / "demo_run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    _run([_bin("deepspeed"), "--num_gpus", "2", str(REPO / "pretrain" / "run.py"), "--config", str(cfg_path)],
+    # a free port rather than the launcher's fixed 29500, which another job on this machine may hold
+    _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+          str(REPO / "pretrain" / "run.py"), "--config", str(cfg_path)],
          env={"OMP_NUM_THREADS": "1"})
     return out / "run"
 
