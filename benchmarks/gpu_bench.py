@@ -5,7 +5,7 @@ largest micro-batch of ViT-L/14 that fits, without and with gradient caching.
     .venv/bin/python benchmarks/gpu_bench.py                 # on one GPU (~5-10 min on an H100)
     .venv/bin/python benchmarks/gpu_bench.py --dry-run       # CPU: tiny models, checks the logic
         [--batch 256] [--steps 10] [--warmup 3] [--peak-tflops 989] [--search-cap 4096]
-        [--only throughput|largest]
+        [--only throughput|largest] [--points 2048,4096 --cache-points 8192]
 
 Every measurement runs the project's real training path in a fresh child process (so one
 OOM or one allocator state never leaks into the next row): the run config
@@ -30,7 +30,8 @@ so that the loss never sets the limit; inputs on the host as the loader yields t
   caching only the features and the chunk's activations grow, so time rather than memory
   usually stops this search (then the cap is printed as ">= cap"). Skipped with a message
   where pretrain.gradcache is absent.
-With --dry-run everything runs on CPU with ViT-tiny / RN-tiny, batch 8, 2 steps and caps
+With --points (and --cache-points) the searches are replaced by one probe per listed batch,
+for a short device lease. With --dry-run everything runs on CPU with ViT-tiny / RN-tiny, batch 8, 2 steps and caps
 of 16 (CPU never runs out of memory, so the searches stop at the caps).
 Expected time on one H100: ~2 min throughput, ~5-10 min for the two searches
 (`--only throughput|largest` runs one part). The cached rows also set `train.grad_cache=true`
@@ -194,8 +195,27 @@ def throughput_rows(args: argparse.Namespace, models: tuple[str, str], device_na
     return rows
 
 
+def probe_rows(args: argparse.Namespace, model: str, base: dict[str, Any]) -> list[list[Any]]:
+    """One row per probed batch: does one optimizer step fit, its samples/s and peak memory.
+    --points: micro-batches without caching; --cache-points: per-device batches with caching."""
+    rows = []
+    for cached, points in ((False, args.points), (True, args.cache_points)):
+        for b in (int(x) for x in points.split(",") if x):
+            spec = {**base, "micro_batch": b, "global_batch": b}
+            if cached:
+                spec.update(micro_batch=args.cache_chunk, gradcache=True,
+                            extra=["--train.grad_cache=true"] if trainer_has_grad_cache() else [])
+            r = run_spec(spec)
+            rows.append([model, f"on (chunk {args.cache_chunk})" if cached else "off", b,
+                         "OOM" if not r["fits"] else f"{r['samples_per_s']:.1f}",
+                         f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"])
+            print(md_table(PROBE_HEADERS, [rows[-1]]).splitlines()[-1], flush=True)
+    return rows
+
+
 THROUGHPUT_HEADERS = ["model", "batch", "grad ckpt", "samples/s", "train GFLOP/sample", "MFU", "peak GiB"]
 LARGEST_HEADERS = ["model", "gradient caching", "largest micro-batch that fits", "note"]
+PROBE_HEADERS = ["model", "gradient caching", "batch", "samples/s (one step)", "peak GiB"]
 
 
 def largest_rows(args: argparse.Namespace, model: str) -> list[list[Any]]:
@@ -207,6 +227,8 @@ def largest_rows(args: argparse.Namespace, model: str) -> list[list[Any]]:
     def fits_plain(b: int) -> bool:
         return bool(run_spec({**base, "micro_batch": b, "global_batch": b})["fits"])
 
+    if args.points:  # fixed probes instead of the search (a short device lease)
+        return probe_rows(args, model, base)
     b, capped = largest_fitting(fits_plain, args.search_start, args.search_cap, args.granularity)
     rows = [[model, "off", f">= {b}" if capped else b,
              "search stopped at --search-cap" if capped else "micro-batch = per-device batch; grad ckpt on"]]
@@ -242,6 +264,9 @@ def main() -> None:
     ap.add_argument("--cache-chunk", type=int, default=None, help="chunk with caching (default 256; dry 4)")
     ap.add_argument("--cache-cap", type=int, default=None,
                     help="largest per-device batch tried with caching (default 32768; dry 16)")
+    ap.add_argument("--points", default="",
+                    help="probe these micro-batches (comma list) instead of searching; with --cache-points")
+    ap.add_argument("--cache-points", default="", help="per-device batches probed with caching (with --points)")
     ap.add_argument("--only", choices=["throughput", "largest"], default=None)
     ap.add_argument("--out-dir", default="/tmp/gpu_bench_run")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -274,7 +299,7 @@ def main() -> None:
         print(md_table(THROUGHPUT_HEADERS, throughput_rows(args, models, device_name)))
     if args.only in (None, "largest"):
         print(f"# largest micro-batch, {args.precision}, ZeRO-1, 1 device")
-        print(md_table(LARGEST_HEADERS, largest_rows(args, big)))
+        print(md_table(PROBE_HEADERS if args.points else LARGEST_HEADERS, largest_rows(args, big)))
 
 
 if __name__ == "__main__":
