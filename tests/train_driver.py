@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from dist_harness import free_port  # noqa: E402
 from shard_factory import make_caption_shards  # noqa: E402
+from watched import dump_stacks  # noqa: E402
 
 
 @dataclass
@@ -116,9 +117,11 @@ def finish(proc: subprocess.Popen, run_dir: Path, started: float, timeout: float
     reader.start()
     reader.join(timeout)
     if reader.is_alive():
+        stacks = dump_stacks(proc.pid)  # where each process of the job was (tests/watched.py)
         os.killpg(proc.pid, signal.SIGKILL)
         reader.join(30)
-        raise AssertionError(f"launch timed out after {timeout} s:\n{(output + ''.join(box))[-6000:]}")
+        raise AssertionError(f"launch timed out after {timeout} s; stacks:\n{stacks}\n--- output tail ---\n"
+                             f"{(output + ''.join(box))[-6000:]}")
     proc.wait()
     return Launch(proc.returncode, output + "".join(box), run_dir, time.monotonic() - started)
 
@@ -139,7 +142,7 @@ def launch(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: float 
 
 def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
     """{local rank: pid} of the training processes under a launcher (not their DataLoader
-    workers, which are forks with the same command line)."""
+    workers or the fork server that starts them)."""
     out = {}
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
