@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from dist_harness import free_port
 
 NODES = ("n1", "n2")
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "munged")
@@ -44,12 +45,6 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 class SlurmError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _try_install() -> str | None:
@@ -223,7 +218,7 @@ class SlurmCluster:
         (self.root / "log").mkdir(parents=True)
         (self.root / "state").mkdir()
         host = socket.gethostname()
-        ports = [_free_port() for _ in range(3)]
+        ports = [free_port() for _ in range(3)]
         self.conf.write_text(_slurm_conf(self.root, host, ports[0], ports[1:]))
         # cgroup/v1 with IgnoreSystemd: this Slurm refuses CgroupPlugin=disabled (MACHINE.md)
         (self.root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")

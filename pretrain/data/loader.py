@@ -216,7 +216,7 @@ class TrainLoader:
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=False,
-            multiprocessing_context=worker_context() if self.num_workers > 0 else None)
+            multiprocessing_context=worker_context(self.num_workers))
         feeders_before = set(_queue_feeders())
         it = iter(loader)
         n = 0

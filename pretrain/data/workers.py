@@ -9,7 +9,7 @@ has imported the data modules once, so a worker starts in milliseconds and inher
 state (Python 3.14 made it the Linux default for this reason). Where the platform has no fork
 server (macOS, Windows) the platform's default, ``spawn``, is already safe.
 
-    DataLoader(ds, num_workers=4, multiprocessing_context=worker_context())
+    DataLoader(ds, num_workers=4, multiprocessing_context=worker_context(4))
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from multiprocessing.context import BaseContext
 PRELOAD = ["torch", "pretrain.data.loader", "pretrain.eval.features"]
 
 
-def worker_context() -> BaseContext | None:
-    """The multiprocessing context for DataLoader workers (None: the platform default)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+def worker_context(num_workers: int) -> BaseContext | None:
+    """The multiprocessing context for `num_workers` DataLoader workers (None: no workers,
+    which DataLoader requires, or the platform's default start method)."""
+    if num_workers <= 0 or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # no effect once the server runs; it is per process

@@ -69,7 +69,7 @@ def extract_image_features(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
-        multiprocessing_context=worker_context() if num_workers > 0 else None,
+        multiprocessing_context=worker_context(num_workers),
     )
     feats, idx, skipped = [], [], 0
     with torch.no_grad(), autocast_for(device):
