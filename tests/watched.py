@@ -52,6 +52,22 @@ def dump_stacks(root_pid: int) -> str:
     return "\n".join(parts)
 
 
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait until every killed process is gone (or a zombie awaiting its new parent's reaping).
+
+    SIGKILL is only acted on when the process next runs, so on a loaded machine a grandchild
+    can still read as running just after the kill."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
+
+
 def run_watched(cmd: list[str], *, log: Path, timeout: float, env: dict | None = None,
                 cwd: str | Path | None = None) -> Finished:
     """Run ``cmd`` to completion; on a timeout raise AssertionError with every process's stacks."""
@@ -64,7 +80,10 @@ def run_watched(cmd: list[str], *, log: Path, timeout: float, env: dict | None =
             time.sleep(1)
         if proc.poll() is None:
             stacks = dump_stacks(proc.pid)
-            tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            try:
+                tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:  # it ended while its stacks were read
+                tree = [proc.pid]
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -75,6 +94,7 @@ def run_watched(cmd: list[str], *, log: Path, timeout: float, env: dict | None =
                 except ProcessLookupError:
                     pass
             proc.wait()
+            _wait_gone(tree, timeout=30)
             tail = log.read_text(errors="replace")[-6000:]
             raise AssertionError(f"{cmd[:4]} still running after {timeout:.0f} s; stacks:\n{stacks}\n"
                                  f"--- output tail ---\n{tail}")
