@@ -74,6 +74,7 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
     from pretrain.config import load_config  # noqa: PLC0415
     from pretrain.loss import get_loss  # noqa: PLC0415
     from pretrain.train import distributed  # noqa: PLC0415
+    from pretrain.train.backends import configure_backends  # noqa: PLC0415
     from pretrain.train.build import build_engine  # noqa: PLC0415
     from pretrain.train.step import train_step  # noqa: PLC0415
 
@@ -87,6 +88,7 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
                  "--data.sources=unused.tar", f"--data.samples_per_epoch={total * 1000}",
                  "--logging.mlflow=false"] + spec.get("extra", [])
     cfg = load_config(None, overrides)
+    configure_backends(cfg.train, device)  # as the trainer does (cuDNN benchmark mode on CUDA)
     engine, _ = build_engine(cfg, 1)
     model = engine.module
     dtype = next(model.parameters()).dtype

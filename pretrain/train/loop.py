@@ -24,6 +24,7 @@ from pretrain.data import DataSource, make_train_loader
 from pretrain.loss import get_loss
 from pretrain.tokenizer import default_tokenizer
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.backends import configure_backends
 from pretrain.train.build import build_engine
 from pretrain.train.distributed import DistEnv, barrier
 from pretrain.train.evaluation import PeriodicEval
@@ -52,6 +53,9 @@ def _seed_rank(seed: int, rank: int) -> None:
 def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
     run_dir = Path(cfg.output_dir)
     preempt = PreemptionFlag()  # installed first: a signal during start-up is not lost
+    applied = configure_backends(cfg.train, device)
+    if applied:
+        log.info("backend settings: %s", applied)
     engine, ds_config = build_engine(cfg, env.world_size)
     if env.is_main:
         write_run_files(run_dir, cfg, ds_config)
