@@ -43,6 +43,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,21 @@ def gradcache_step() -> Callable[..., Any] | None:
     return gradcache_train_step
 
 
-def child_run(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement in this (fresh) process: build the engine, run steps, report."""
+@dataclass
+class Bench:
+    """What one measurement runs: the engine and one optimizer step's inputs."""
+    engine: Any
+    micro_batches: list[dict[str, Any]]
+    loss_fn: Callable[..., Any]
+    step_fn: Callable[..., Any]
+    device: Any
+    fwd_flops_per_sample: float
+
+
+def build_bench(spec: dict[str, Any]) -> Bench:
+    """In this process: the trainer's run config, backend settings and DeepSpeed engine
+    (ZeRO-1) for `spec`, and synthetic inputs for one optimizer step. Also used by
+    profile_step.py."""
     import torch  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
@@ -109,28 +123,35 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
     # the cached step move one micro-batch at a time), so inputs never count against memory.
     host = spec.get("inputs_on_host", False)
     micro_batches = [batch(micro, "cpu" if host else device) for _ in range(total // micro)]
-    loss_fn = get_loss(spec.get("loss", "clip"))
     step_fn = gradcache_step() if spec.get("gradcache") else train_step
     if step_fn is None:
         raise RuntimeError("gradient caching asked for, but pretrain.gradcache is missing")
-    cuda = device.type == "cuda"
+    return Bench(engine, micro_batches, get_loss(spec.get("loss", "clip")), step_fn, device, fwd_flops)
+
+
+def child_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in this (fresh) process: build the engine, run steps, report."""
+    import time  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    b = build_bench(spec)
+    cuda = b.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    out: dict[str, Any] = {"fwd_flops_per_sample": fwd_flops}
+    out: dict[str, Any] = {"fwd_flops_per_sample": b.fwd_flops_per_sample}
     try:
         for _ in range(spec["warmup"]):
-            step_fn(engine, micro_batches, loss_fn)
+            b.step_fn(b.engine, b.micro_batches, b.loss_fn)
         if cuda:
             torch.cuda.synchronize()
-        import time  # noqa: PLC0415
-
         t0 = time.perf_counter()
         for _ in range(spec["steps"]):
-            step = step_fn(engine, micro_batches, loss_fn)
+            step = b.step_fn(b.engine, b.micro_batches, b.loss_fn)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        out.update(fits=True, samples_per_s=spec["steps"] * total / elapsed, loss=step.loss,
+        out.update(fits=True, samples_per_s=spec["steps"] * spec["global_batch"] / elapsed, loss=step.loss,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
     except torch.cuda.OutOfMemoryError:
         out.update(fits=False)

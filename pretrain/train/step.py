@@ -11,6 +11,9 @@ boundary. Non-finite values are handled the same way at every ZeRO stage and pre
   is not finite, and `SkipNonFiniteAdamW` does it for ZeRO-0 fp32; a gradient that turns
   non-finite with a finite loss is caught by the same check;
 - `engine.was_step_applied()` then tells the caller whether the update happened.
+
+The phases are labelled for torch.profiler (`step.forward`, `step.loss`, ...; see
+benchmarks/profile_step.py); outside a profiler the labels cost microseconds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 
 @dataclass
@@ -76,13 +80,16 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
         skipped += int(batch.get("skipped", 0))
         # (img, txt, scale) or, for a model with a SigLIP logit bias, (img, txt, scale, bias):
         # the extra output goes to the loss as its 4th argument.
-        image_features, text_features, logit_scale, *extra = engine(images, tokens)
-        # The loss (over the global batch) is computed in fp32 whatever the precision.
-        loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
-                       *(t.float() for t in extra))
+        with record_function("step.forward"):
+            image_features, text_features, logit_scale, *extra = engine(images, tokens)
+        with record_function("step.loss"):
+            # The loss (over the global batch) is computed in fp32 whatever the precision.
+            loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
+                           *(t.float() for t in extra))
         if inject_nan and i == 0:
             loss = loss * float("nan")
-        bad = any_rank(not bool(torch.isfinite(loss.detach()).item()), device)
+        with record_function("step.finite_check"):
+            bad = any_rank(not bool(torch.isfinite(loss.detach()).item()), device)
         if bad:
             # Make every rank's gradients NaN so that every optimizer skips this step alike.
             loss = loss * float("nan")
@@ -91,11 +98,14 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
             finite_sum += float(loss.detach())
             finite_n += 1
         scale_value = float(logit_scale.detach().float())
-        engine.backward(loss)
-        engine.step()
-    applied = bool(engine.was_step_applied())
-    norm = engine.get_global_grad_norm()
-    grad_norm = float(norm) if norm is not None else None
-    total, n, skipped_all = sum_over_ranks([finite_sum, float(finite_n), float(skipped)], device)
+        with record_function("step.backward"):
+            engine.backward(loss)
+        with record_function("step.optimizer"):  # at the accumulation boundary only
+            engine.step()
+    with record_function("step.stats"):
+        applied = bool(engine.was_step_applied())
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else None
+        total, n, skipped_all = sum_over_ranks([finite_sum, float(finite_n), float(skipped)], device)
     return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=any_bad, applied=applied,
                       grad_norm=grad_norm, logit_scale=scale_value, skipped_samples=int(skipped_all))
