@@ -9,12 +9,13 @@ Same set-up as gpu_bench.py's throughput rows (`gpu_bench.build_bench`: run conf
 settings, DeepSpeed ZeRO-1 engine, `train_step`, synthetic inputs on the device), in this
 process. After the warm-up steps, `--steps` steps run under torch.profiler and it prints:
 
-- wall time per step, and on CUDA the device-busy fraction: the summed time of all GPU
-  kernels and copies over the wall time. A low fraction means the step is bound by host
+- wall time per step, and on CUDA the device-busy fraction: the time during which any GPU
+  kernel or copy ran, over the wall time. A low fraction means the step is bound by host
   work (Python, kernel launches, synchronisations), not by the GPU;
 - host time per phase of the step (the `step.*` labels of pretrain/train/step.py: forward,
   loss, finite check, backward, optimizer, stats);
-- the top operators by device time (CUDA) or by CPU time (CPU), with call counts;
+- the top kernels and copies by device time (CUDA), or operators by CPU time (CPU), with
+  call counts;
 - a Chrome trace (open in chrome://tracing or https://ui.perfetto.dev) under --out-dir.
 """
 from __future__ import annotations
@@ -45,10 +46,30 @@ def _device_us(evt: Any, self_only: bool) -> float:
 
 
 def device_busy_us(prof: Any) -> float:
-    """Summed duration of all device-side events (kernels, memcpy, memset), in microseconds."""
+    """Time during which the device ran anything (kernels, memcpy, memset), in microseconds:
+    the union of the device events' intervals, so that kernels overlapping on two streams
+    (NCCL beside compute) count once. The `step.*` labels also appear on the device timeline
+    as user annotations spanning their kernels; they are left out."""
     from torch.autograd import DeviceType  # noqa: PLC0415
 
-    return float(sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA))
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    return union_length(spans)
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by sorted (start, end) intervals."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in spans:
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return float(total)
 
 
 def phase_rows(prof: Any, steps: int) -> list[list[Any]]:
@@ -63,14 +84,17 @@ def phase_rows(prof: Any, steps: int) -> list[list[Any]]:
 
 
 def top_rows(prof: Any, cuda: bool, top: int, steps: int) -> list[list[Any]]:
-    """The operators and kernels that take most device time (CUDA) or CPU time (CPU)."""
-    events = [e for e in prof.key_averages() if not e.key.startswith("step.") and not e.key.startswith("ProfilerStep")]
+    """On CUDA the kernels and copies that take most device time; on CPU the operators that
+    take most CPU time. The `step.*` labels and profiler steps are left out."""
+    from torch.autograd import DeviceType  # noqa: PLC0415
+
+    events = [e for e in prof.key_averages() if not e.key.startswith(("step.", "ProfilerStep"))]
     if cuda:
-        events.sort(key=lambda e: _device_us(e, True), reverse=True)
-        return [[e.key[:80], e.count // steps, f"{_device_us(e, True) / 1e3 / steps:.2f}",
-                 f"{e.self_cpu_time_total / 1e3 / steps:.2f}"] for e in events[:top]]
+        events = sorted((e for e in events if e.device_type == DeviceType.CUDA),
+                        key=lambda e: _device_us(e, True), reverse=True)
+        return [[e.key[:80], e.count // steps, f"{_device_us(e, True) / 1e3 / steps:.2f}"] for e in events[:top]]
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [[e.key[:80], e.count // steps, "-", f"{e.self_cpu_time_total / 1e3 / steps:.2f}"] for e in events[:top]]
+    return [[e.key[:80], e.count // steps, f"{e.self_cpu_time_total / 1e3 / steps:.2f}"] for e in events[:top]]
 
 
 def main() -> None:
@@ -127,9 +151,10 @@ def main() -> None:
     print(line)
     print("\n## host time per phase of the step\n")
     print(md_table(["phase", "calls/step", "host ms/step"], phase_rows(prof, args.steps)))
-    print(f"\n## top {args.top} by {'device' if cuda else 'CPU'} time\n")
-    print(md_table(["operator / kernel", "calls/step", "device ms/step", "self CPU ms/step"],
-                   top_rows(prof, cuda, args.top, args.steps)))
+    print(f"\n## top {args.top} {'kernels and copies by device' if cuda else 'operators by CPU'} time\n")
+    headers = ["kernel / copy", "calls/step", "device ms/step"] if cuda else \
+        ["operator", "calls/step", "self CPU ms/step"]
+    print(md_table(headers, top_rows(prof, cuda, args.top, args.steps)))
     print(f"\nChrome trace: {trace}")
     from pretrain.train import distributed  # noqa: PLC0415
 

@@ -28,3 +28,12 @@ def test_dry_run_reports_every_phase_of_the_step(tmp_path):
     assert 0 < sum(float(v) for v in phases.values()) <= wall * 1.05
     assert len(re.findall(r"^\| aten::", text, re.M)) >= 3  # the top-operator table
     assert (tmp_path / "trace.json").stat().st_size > 0
+
+
+def test_device_busy_time_is_the_union_of_intervals():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from profile_step import union_length
+
+    assert union_length([]) == 0
+    # overlapping (two streams), nested, touching and separate intervals
+    assert union_length(sorted([(0, 10), (5, 12), (6, 7), (12, 13), (20, 25)])) == 18
