@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from dist_harness import free_port  # noqa: E402
 from shard_factory import make_caption_shards  # noqa: E402
-from watched import dump_stacks  # noqa: E402
+from watched import dump_stacks, kill_tree  # noqa: E402
 
 
 @dataclass
@@ -118,7 +117,7 @@ def finish(proc: subprocess.Popen, run_dir: Path, started: float, timeout: float
     reader.join(timeout)
     if reader.is_alive():
         stacks = dump_stacks(proc.pid)  # where each process of the job was (tests/watched.py)
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         reader.join(30)
         raise AssertionError(f"launch timed out after {timeout} s; stacks:\n{stacks}\n--- output tail ---\n"
                              f"{(output + ''.join(box))[-6000:]}")

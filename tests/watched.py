@@ -52,6 +52,26 @@ def dump_stacks(root_pid: int) -> str:
     return "\n".join(parts)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with `start_new_session=True`, its process group and every
+    descendant; return once all of them are gone."""
+    try:
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:  # it has just ended
+        tree = [proc.pid]
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in tree:  # a child that made its own session escapes killpg
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    _wait_gone(tree, timeout=30)
+
+
 def _wait_gone(pids: list[int], timeout: float) -> None:
     """Wait until every killed process is gone (or a zombie awaiting its new parent's reaping).
 
@@ -80,21 +100,7 @@ def run_watched(cmd: list[str], *, log: Path, timeout: float, env: dict | None =
             time.sleep(1)
         if proc.poll() is None:
             stacks = dump_stacks(proc.pid)
-            try:
-                tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-            except psutil.NoSuchProcess:  # it ended while its stacks were read
-                tree = [proc.pid]
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            for pid in tree:  # a child that made its own session escapes killpg
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
-            _wait_gone(tree, timeout=30)
+            kill_tree(proc)
             tail = log.read_text(errors="replace")[-6000:]
             raise AssertionError(f"{cmd[:4]} still running after {timeout:.0f} s; stacks:\n{stacks}\n"
                                  f"--- output tail ---\n{tail}")
