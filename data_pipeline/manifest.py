@@ -1,5 +1,5 @@
 """``manifest.json`` of a data build: the shard list, total, a braceexpand pattern, the
-config used and the tool versions. No wall-clock data: rebuilding the same dataset gives
+config used and the tool versions (the format and its reading rules: pretrain.shards.manifest). No wall-clock data: rebuilding the same dataset gives
 a byte-identical manifest (durations live in stats.json).
 
     {"shards": [{"path": "shards/00000.tar", "num_samples": 1000, "sha256": "..."}, ...],
@@ -12,6 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from data_pipeline import __version__
+from pretrain.shards.manifest import make_manifest
 
 
 def tool_versions() -> dict[str, str]:
@@ -24,26 +25,6 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def brace_pattern(paths: list[str]) -> str | None:
-    """'shards/{00000..00003}.tar' for consecutive zero-padded names (None when empty)."""
-    if not paths:
-        return None
-    head, _, first = paths[0].rpartition("/")
-    last = paths[-1].rpartition("/")[2]
-    a, b = first[: -len(".tar")], last[: -len(".tar")]
-    prefix = head + "/" if head else ""
-    return f"{prefix}{{{a}..{b}}}.tar"
-
-
 def build_manifest(shards: list[dict[str, Any]], config: dict[str, Any], samples_per_shard: int) -> dict[str, Any]:
-    return {
-        "format": "webdataset",
-        "keys": ["jpg", "txt", "json"],
-        "shards": shards,
-        "num_shards": len(shards),
-        "total_samples": sum(int(s["num_samples"]) for s in shards),
-        "samples_per_shard": samples_per_shard,
-        "pattern": brace_pattern([s["path"] for s in shards]),
-        "config": config,
-        "versions": tool_versions(),
-    }
+    """The build's manifest record, in the shard contract's one format (pretrain.shards.manifest)."""
+    return make_manifest(shards, samples_per_shard, ["jpg", "txt", "json"], config=config, versions=tool_versions())

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, overrides)
         cfg.validate(env.world_size)  # before the process group: a bad config fails fast everywhere
+        from pretrain.train.precision import require_precision
+
+        require_precision(cfg.train.precision)  # the device's own answer, not DeepSpeed's per-rank error
     except ValueError as exn:
         log.error("%s", exn)
         distributed.finish(2, synchronize=False)

@@ -17,7 +17,8 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipeline import fsutil
-from data_pipeline.manifest import brace_pattern, build_manifest
+from data_pipeline.manifest import build_manifest
+from pretrain.shards.manifest import brace_pattern
 from data_pipeline.shard import as_rgb_jpeg, sample_json
 from data_pipeline.stats import histogram
 from data_pipeline.tario import TarIndex, tar_bytes

@@ -73,6 +73,19 @@ def cpu_adam_available() -> bool:
     return any(root.glob("**/cpu_adam/cpu_adam*.so"))
 
 
+def unsupported_precision(overrides: list[str]) -> str | None:
+    """Why a case whose `--train.precision=` this device lacks cannot run here (None: it can).
+
+    The device's own answer (DeepSpeed's accelerator via pretrain.train.precision): fp16 on a
+    CPU runs only where oneDNN has fp16 kernels, so such cases skip elsewhere, with the reason."""
+    from pretrain.train.precision import device_description, supported_precisions
+
+    precision = next((o.split("=", 1)[1] for o in overrides if o.startswith("--train.precision=")), "fp32")
+    if precision in supported_precisions():
+        return None
+    return f"train.precision={precision} is not supported on this device ({device_description()})"
+
+
 def base_config(extra: list[str] | None = None):
     """A RunConfig for in-process tests (data paths are never opened)."""
     from pretrain.config import load_config

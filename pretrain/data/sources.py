@@ -1,8 +1,9 @@
 """Where training data comes from: shard patterns, data-build manifests, opening a shard.
 
 A ``DataSource`` is a braceexpand pattern of webdataset tars (local paths or fsspec URLs;
-several patterns joined by ``::``) or the path/URL of a data-build ``manifest.json`` whose
-shard paths are relative to the manifest's directory. ``expand_sources`` turns a list of
+several patterns joined by ``::``; ``pipe:cmd`` where the user types it) or the path/URL of a
+data-build ``manifest.json``, read by the one manifest reader (pretrain.shards.manifest: its
+paths stay inside the manifest's folder, never a command). ``expand_sources`` turns a list of
 sources into one shard-URL list per source, failing early with a clear message.
 
     from pretrain.data import DataSource, expand_sources
@@ -11,13 +12,12 @@ sources into one shard-URL list per source, failing early with a clear message.
 """
 from __future__ import annotations
 
-import json
-import os
-import posixpath
 from dataclasses import dataclass
 from typing import IO
 
 import braceexpand
+
+from pretrain.shards.manifest import is_manifest, load_manifest
 
 
 @dataclass(frozen=True)
@@ -38,52 +38,9 @@ def _is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
-def is_manifest(url: str) -> bool:
-    return url.rstrip("/").endswith(".json")
-
-
-def _join(base_dir: str, rel: str) -> str:
-    """Resolve a manifest entry against the manifest's directory (URLs keep their scheme)."""
-    if _is_url(rel) or os.path.isabs(rel):
-        return rel
-    if _is_url(base_dir):
-        return posixpath.join(base_dir, rel)
-    return os.path.normpath(os.path.join(base_dir, rel))
-
-
-def read_manifest(url: str) -> dict:
-    """The parsed manifest, read through fsspec for URLs."""
-    if _is_url(url):
-        import fsspec
-
-        with fsspec.open(url, "rt", encoding="utf-8") as f:
-            return json.load(f)
-    with open(url, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def manifest_shards(url: str) -> list[str]:
-    """Shard URLs listed by a data-build manifest, resolved against its directory."""
-    try:
-        manifest = read_manifest(url)
-    except (OSError, ValueError) as exn:
-        raise ValueError(f"cannot read data manifest {url}: {exn}") from exn
-    base = posixpath.dirname(url) if _is_url(url) else os.path.dirname(os.path.abspath(url))
-    entries = manifest.get("shards")
-    if not entries and manifest.get("pattern"):
-        return [_join(base, p) for p in braceexpand.braceexpand(manifest["pattern"])]
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"manifest {url} lists no shards (expected a non-empty 'shards' list)")
-    out = []
-    for e in entries:
-        path = e["path"] if isinstance(e, dict) else e
-        # A shard the build recorded as empty would only waste a read.
-        if isinstance(e, dict) and e.get("num_samples") == 0:
-            continue
-        out.append(_join(base, path))
-    if not out:
-        raise ValueError(f"manifest {url}: every shard has num_samples == 0")
-    return out
+    """Shard URLs listed by a data-build manifest, confined to its folder (pretrain.shards.manifest)."""
+    return load_manifest(url).urls()
 
 
 def expand_urls(url: str) -> list[str]:

@@ -11,15 +11,16 @@ indexed before the damage; the damage is counted, never fatal.
 """
 from __future__ import annotations
 
-import json
 import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import braceexpand
 import fsspec
+
+from pretrain.shards.manifest import is_manifest, load_manifest
 
 # webdataset convention: the key is the path up to the first dot of the file's base name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -57,28 +58,13 @@ class Problems:
         return sum(self.counts.values())
 
 
-def _join(base: str, rel: str) -> str:
-    if "://" in rel or rel.startswith("/"):
-        return rel
-    if "://" in base:
-        return base.rstrip("/") + "/" + rel
-    return str(Path(base) / rel)
-
-
 def expand_shards(spec: str) -> list[str]:
-    """Shard URLs from a braceexpand pattern, a ``::``-joined list of patterns, or a manifest.json."""
+    """Shard URLs from a braceexpand pattern, a ``::``-joined list of patterns, or a manifest.json
+    (read by the one manifest reader: its paths stay inside the manifest's folder)."""
     urls: list[str] = []
     for part in spec.split("::"):
-        if part.endswith(".json"):
-            with fsspec.open(part, "r") as f:
-                manifest = json.load(f)
-            base = part.rsplit("/", 1)[0] if "/" in part else "."
-            if "shards" in manifest:
-                urls += [_join(base, s["path"]) for s in manifest["shards"]]
-            elif "pattern" in manifest:
-                urls += [_join(base, u) for u in braceexpand.braceexpand(manifest["pattern"])]
-            else:
-                raise ValueError(f"{part}: a manifest needs 'shards' or 'pattern'")
+        if is_manifest(part):
+            urls += load_manifest(part).urls()
         else:
             urls += list(braceexpand.braceexpand(part))
     if not urls:
