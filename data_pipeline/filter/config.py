@@ -14,14 +14,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pretrain.shards.images import MAX_PIXELS
+
 
 @dataclass
 class ImageRules:
     """Per-image rules, applied in pass 1 in this order: decode, size, aspect ratio."""
 
-    # Decompression-bomb cap, checked from the header before any pixel is decoded.
-    # PIL's own warning threshold (89.5 Mpx); PIL refuses above twice that by itself.
-    max_pixels: int = 89_478_485
+    # Decompression-bomb cap, checked from the header before any pixel is decoded; the
+    # default is the shards' one cap, which the trainer's decoder applies too.
+    max_pixels: int = MAX_PIXELS
     # DataComp basic filtering: shorter side >= 200 px and aspect ratio < 3.
     min_side: int = 200
     max_aspect_ratio: float = 3.0

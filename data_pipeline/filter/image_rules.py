@@ -11,6 +11,8 @@ import warnings
 
 from PIL import Image, ImageFile
 
+from pretrain.shards.images import DecompressionBombError, NotAnImageError, checked_size
+
 # Reasons, in the order the rules run.
 MISSING_IMAGE = "filter/missing_image"
 EMPTY_IMAGE = "filter/empty_image"
@@ -22,26 +24,17 @@ ASPECT_RATIO = "filter/aspect_ratio"
 
 
 def check_header(data: bytes, max_pixels: int) -> tuple[tuple[int, int] | None, str | None]:
-    """Read only the header: ((w, h), None) or (None, reason). No pixel data is decoded."""
+    """Read only the header: ((w, h), None) or (None, reason). No pixel data is decoded.
+    The cap is the shards' one pixel rule (pretrain.shards.images), which the trainer's
+    decoder and evaluation apply too."""
     if not data:
         return None, EMPTY_IMAGE
     try:
-        with warnings.catch_warnings():
-            # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; our own cap
-            # below decides, the warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                size = img.size
-    except Image.DecompressionBombError:
+        return checked_size(data, max_pixels), None
+    except DecompressionBombError:
         return None, DECOMPRESSION_BOMB
-    except Exception:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError, ... on junk
+    except NotAnImageError:
         return None, NOT_AN_IMAGE
-    w, h = size
-    if w <= 0 or h <= 0:
-        return None, NOT_AN_IMAGE
-    if w * h > max_pixels:
-        return None, DECOMPRESSION_BOMB
-    return size, None
 
 
 def decode_image(data: bytes | None, max_pixels: int) -> tuple[Image.Image | None, str | None]:
