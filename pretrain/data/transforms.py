@@ -29,6 +29,8 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from pretrain.shards.images import checked_size
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -62,14 +64,10 @@ def _jpeg_bytes(data: ImageInput) -> bytes | None:
 
 
 def header_size(data: ImageInput) -> tuple[int, int]:
-    """(width, height) from the header only."""
-    jpeg = _jpeg_bytes(data)
-    if jpeg is not None:
-        try:
-            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-            return int(w), int(h)
-        except Exception:  # noqa: BLE001 - let PIL read (or reject) headers libjpeg refuses
-            pass
+    """(width, height) from the header only; encoded bytes must pass the shards' pixel cap
+    (pretrain.shards.images: a decompression bomb raises before any pixel is decoded)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return checked_size(bytes(data))
     return open_image(data).size
 
 
@@ -78,6 +76,8 @@ def decode_rgb(data: ImageInput, min_size: tuple[int, int] | None = None) -> Ima
     whose result is still at least ``min_size``: much cheaper than a full decode when the
     target is far smaller than the stored image."""
     mw, mh = (max(1, int(min_size[0])), max(1, int(min_size[1]))) if min_size is not None else (0, 0)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        checked_size(bytes(data))  # the shards' pixel cap, before any pixel is decoded (a bomb raises)
     jpeg = _jpeg_bytes(data)
     if jpeg is not None:
         try:

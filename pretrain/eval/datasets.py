@@ -34,6 +34,7 @@ from PIL import Image
 
 from pretrain.eval import tario
 from pretrain.eval.transforms import get_eval_transform
+from pretrain.shards.images import checked_size
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _FILE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -85,7 +86,9 @@ class TarImages(ImageSource):
 
 def _decode(data: bytes) -> Image.Image:
     # Opened lazily: the transform may pick a reduced JPEG decode scale before pixels load;
-    # a truncated or corrupt file fails inside __getitem__ and is skipped there.
+    # a truncated or corrupt file fails inside __getitem__ and is skipped there. The shards'
+    # pixel cap is checked from the header first, so a decompression bomb never decodes.
+    checked_size(data)
     return Image.open(io.BytesIO(data))
 
 
