@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
 from data_pipeline.layout import Layout
-from data_pipeline.tario import TarIndex, tar_bytes
+from pretrain.shards.tario import TarIndex, tar_bytes
 
 # Columns of the kept table written as-is into the json's top level; others are scores.
 _BASE = {"source_tar", "key", "url", "caption", "width", "height", "sha256"}

@@ -64,7 +64,9 @@ def test_wds_classification_skips_and_counts_bad_samples(tmp_path: Path) -> None
 
     ds = load_eval_dataset(f"wds:{tmp_path}/{{000..003}}.tar", image_size=4)
     assert ds.classnames == ["red", "green", "blue"]
-    assert ds.problems.counts == {"missing_image_or_cls": 2, "bad_cls": 1, "cls_out_of_range": 1,
+    # s006's jpg in 002 runs past the end of the file: part of the damage, not a sample
+    # without a label (the one tar index reader stops at it)
+    assert ds.problems.counts == {"missing_image_or_cls": 1, "bad_cls": 1, "cls_out_of_range": 1,
                                   "damaged_shard": 2}
     assert len(ds) == 9 + 1 + 1 + 1  # good + corrupt jpg + s005 from 002 + s005 from 003
     model = _stub()

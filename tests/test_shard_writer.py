@@ -21,7 +21,7 @@ from data_pipeline.manifest import build_manifest
 from pretrain.shards.manifest import brace_pattern
 from data_pipeline.shard import as_rgb_jpeg, sample_json
 from data_pipeline.stats import histogram
-from data_pipeline.tario import TarIndex, tar_bytes
+from pretrain.shards.tario import TarIndex, tar_bytes
 
 
 def _png(mode: str, size=(40, 30)) -> bytes:

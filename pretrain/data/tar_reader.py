@@ -16,12 +16,12 @@ webdataset's tar iterator and always read eagerly.
 from __future__ import annotations
 
 import logging
-import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pretrain.shards.tario import Member, scan_members
 
 from .sources import open_shard
 
@@ -60,21 +60,8 @@ class ReadMode:
     lazy: bool = False
 
 
-@dataclass(frozen=True)
-class MemberRef:
-    """The byte range of one tar member in a local file."""
-
-    path: str
-    offset: int
-    size: int
-
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
-        if len(data) != self.size:
-            raise OSError(f"{self.path}: short read at offset {self.offset}")
-        return data
+# A lazily read member: the byte range of one tar member in a local file.
+MemberRef = Member
 
 
 def load_bytes(value: bytes | MemberRef) -> bytes:
@@ -91,22 +78,16 @@ def local_path(url: str) -> str | None:
 
 
 def _local_members(path: str, url: str, mode: ReadMode) -> Iterator[dict]:
-    """Members of a local tar, reading headers by seeking; bytes only when not lazy."""
-    file_size = os.path.getsize(path)
+    """Members of a local tar through the one tar index reader (pretrain.shards.tario);
+    bytes only when not lazy. Damage raises after the complete members before it."""
     with open(path, "rb") as f:
-        tar = tarfile.open(fileobj=f, mode="r:")
-        for info in tar:
-            tar.members = []  # webdataset-sized shards: do not keep every header
-            if not info.isreg():
-                continue
-            if info.offset_data + info.size > file_size:
-                raise tarfile.ReadError(f"unexpected end of data in member {info.name}")
+        for name, offset, size in scan_members(f, url):
             if mode.lazy:
-                data = MemberRef(path, info.offset_data, info.size)
+                data: bytes | MemberRef = MemberRef(path, offset, size)
             else:
-                f.seek(info.offset_data)
-                data = f.read(info.size)
-            yield {"fname": info.name, "data": data, "__url__": url}
+                f.seek(offset)
+                data = f.read(size)
+            yield {"fname": name, "data": data, "__url__": url}
 
 
 def read_shard(url: str, counter: SkipCounter, mode: ReadMode) -> Iterator[RawSample]:

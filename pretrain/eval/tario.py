@@ -1,4 +1,5 @@
-"""Random access into webdataset tar shards: index once, then read one member by offset.
+"""Random access into webdataset tar shards for evaluation: index once (the one tar index
+reader, pretrain.shards.tario), then read one member by offset.
 
 Eval sets are read in a fixed order (features are cached per sample index), so instead of
 streaming we scan each tar's headers once (``tarfile`` seeks over the data) and keep
@@ -18,27 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import braceexpand
-import fsspec
 
 from pretrain.shards.manifest import is_manifest, load_manifest
+from pretrain.shards.tario import Member, open_binary, scan_members
 
 # webdataset convention: the key is the path up to the first dot of the file's base name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-@dataclass(frozen=True)
-class Member:
-    url: str
-    offset: int
-    size: int
-
-    def read(self) -> bytes:
-        with fsspec.open(self.url, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
-        if len(data) != self.size:
-            raise OSError(f"short read in {self.url} at {self.offset}: {len(data)} of {self.size} bytes")
-        return data
 
 
 @dataclass
@@ -82,28 +68,23 @@ def shards_dir(spec: str) -> str:
 
 
 def index_shards(urls: Iterable[str], problems: Problems | None = None) -> tuple[list[dict[str, Member]], Problems]:
-    """One dict per sample key: extension -> :class:`Member`, in shard order."""
+    """One dict per sample key: extension -> :class:`Member`, in shard order (headers read by
+    the one tar index reader, pretrain.shards.tario)."""
     problems = problems or Problems()
     samples: list[dict[str, Member]] = []
     for url in urls:
         by_key: dict[str, dict[str, Member]] = {}
         try:
-            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    m = _KEY_EXT.match(info.name)
+            with open_binary(url) as f:
+                for name, offset, size in scan_members(f, url):
+                    m = _KEY_EXT.match(name)
                     if m is None:
-                        problems.add("member_without_extension", f"{url}:{info.name}")
+                        problems.add("member_without_extension", f"{url}:{name}")
                         continue
                     key, ext = m.group(1), m.group(2).lower()
-                    by_key.setdefault(key, {})[ext] = Member(url, info.offset_data, info.size)
-                # tarfile ends quietly when a file is cut at a header boundary; a complete
-                # archive still has its two zero blocks after the last member.
-                if f.seek(0, 2) < tar.offset + 2 * tarfile.BLOCKSIZE:
-                    problems.add("damaged_shard", f"{url}: no end-of-archive marker (truncated?)")
+                    by_key.setdefault(key, {})[ext] = Member(url, offset, size)
         except (tarfile.TarError, OSError, EOFError) as e:
-            problems.add("damaged_shard", f"{url}: {e}")
+            problems.add("damaged_shard", str(e) if url in str(e) else f"{url}: {e}")
         samples.extend(by_key.values())
     return samples, problems
 
