@@ -145,3 +145,21 @@ def test_example_config_lists_every_key_with_its_default():
     for section, fields in defaults.items():
         if isinstance(fields, dict):
             assert set(example[section]) == set(fields), section
+
+
+def test_base_chain_merges_underneath_and_refuses_loops(tmp_path):
+    from pretrain.config.loader import load_config
+
+    need = ["--output_dir=/tmp/x", "--data.sources=/x/{0..1}.tar", "--data.samples_per_epoch=64"]
+    (tmp_path / "a.yaml").write_text("train: {global_batch: 64, micro_batch: 8}\noptimizer: {lr: 0.1}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\ntrain: {micro_batch: 4}\n")
+    cfg = load_config(tmp_path / "sub" / "b.yaml", [*need, "--optimizer.lr=0.2"])
+    assert (cfg.train.global_batch, cfg.train.micro_batch, cfg.optimizer.lr) == (64, 4, 0.2)
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ValueError, match="chain loops"):
+        load_config(tmp_path / "c.yaml", need)
+    (tmp_path / "e.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ValueError, match="must name a YAML file"):
+        load_config(tmp_path / "e.yaml", need)

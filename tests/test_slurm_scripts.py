@@ -210,3 +210,20 @@ def test_cluster_harness_skips_only_where_slurm_is_missing(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="CLIP_SLURM_REQUIRED=1"):
         with slurm_cluster.running_cluster():
             pass
+
+
+def test_presets_are_the_paper_base_plus_their_differences():
+    """Each paper preset names slurm/presets/paper.yaml as its base and restates none of it."""
+    import yaml
+
+    from pretrain.config.loader import read_config_file
+
+    base = yaml.safe_load((SLURM / "presets" / "paper.yaml").read_text())
+    for stem in PAPER:
+        own = yaml.safe_load((SLURM / "presets" / f"{stem}.yaml").read_text())
+        assert own.pop("base") == "paper.yaml", stem
+        for section, keys in own.items():
+            for key, value in keys.items():
+                assert (base.get(section) or {}).get(key, object()) != value, f"{stem}: {section}.{key} repeats the base"
+        merged = read_config_file(SLURM / "presets" / f"{stem}.yaml")
+        assert "base" not in merged and merged["train"]["global_batch"] == 32768

@@ -139,14 +139,34 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+BASE_KEY = "base"
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a YAML config file, with its `base:` chain merged underneath.
+
+    `base: other.yaml` (relative to the file that names it) makes `other.yaml` the starting
+    point: this file then holds only what differs (the Slurm presets share one paper
+    recipe this way). Chains may be several files deep; a cycle is an error."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ValueError(f"config file {path}: `{BASE_KEY}:` chain loops ({chain})")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping at top level")
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"config file {path}: `{BASE_KEY}:` must name a YAML file, got {base!r}")
+    return deep_merge(read_config_file(path.parent / base, (*_seen, path)), raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """The run config from a YAML file (or none) with command-line overrides applied."""
-    raw: dict[str, Any] = {}
-    if path:
-        text = Path(path).read_text(encoding="utf-8")
-        raw = yaml.safe_load(text) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file {path} must hold a mapping at top level")
+    """The run config from a YAML file (or none; its `base:` chain merged) with command-line
+    overrides applied."""
+    raw: dict[str, Any] = read_config_file(path) if path else {}
     raw = deep_merge(raw, parse_overrides(list(overrides or [])))
     return from_dict(RunConfig, raw)
 
