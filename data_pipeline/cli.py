@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from data_pipeline.typed_config import ConfigError, describe, parse_override
+from pretrain.config.engine import ConfigError, describe, parse_value
 
 DESCRIPTION = "Build an image-text dataset from a URL list: crawl (img2dataset) -> filter -> webdataset shards."
 STAGES = {
@@ -81,7 +81,8 @@ def _split_overrides(rest: list[str]) -> list[tuple[str, Any]]:
         if "=" not in tok and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
             tok = f"{tok}={rest[i + 1]}"
             i += 1
-        out.append(parse_override(tok))
+        key, eq, text = tok[2:].partition("=")
+        out.append((key.replace("-", "_"), parse_value(text) if eq else True))
         i += 1
     return out
 

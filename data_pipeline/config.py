@@ -1,4 +1,6 @@
-"""The data build's typed configuration: one dataclass tree, from YAML + ``--key=value``.
+"""The data build's typed configuration: one dataclass tree, from YAML + ``--key=value``,
+built by the project's one config engine (pretrain/config/engine.py: strict keys with the
+nearest valid name, checked types, ``base:`` chains), as the run config is.
 
     cfg = load_config("build.yaml", ["crawl.timeout=5", "shard.samples_per_shard=1000"])
     cfg.crawl.image_size, cfg.filter.image.min_side, cfg.shard.samples_per_shard
@@ -14,11 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
 
 from data_pipeline import fsutil
 from data_pipeline.filter import FilterConfig
-from data_pipeline.typed_config import ConfigError, apply_overrides, deep_merge, from_dict, to_dict
+from pretrain.config.engine import ConfigError, deep_merge, from_dict, read_config_file, set_dotted, to_dict
 
 DEFAULT_OPT_OUTS = ["noai", "noimageai", "noindex", "noimageindex"]
 
@@ -135,9 +136,6 @@ def load_config(path: str | None = None, overrides: list[tuple[str, Any]] | None
     if path:
         if not fsutil.exists(path):
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(fsutil.read_bytes(path).decode("utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = deep_merge(data, loaded)
-    data = apply_overrides(data, overrides or [])
+        data = deep_merge(data, read_config_file(path))
+    data = set_dotted(data, overrides or [])
     return from_dict(BuildConfig, data)

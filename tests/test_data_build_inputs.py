@@ -100,7 +100,7 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     code, text = run_cli(["crawl", "--urls", str(files["csv"]), "--output", out], capsys)
     assert code == 2 and "'url', 'caption' not found" in text and "crawl.url_col" in text
     code, text = run_cli(["crawl", "--urls", str(files["csv"]), "--output", out, "--crawl.no_such_key=3"], capsys)
-    assert code == 2 and "unknown config key(s) crawl.no_such_key" in text
+    assert code == 2 and "config crawl.no_such_key: unknown key" in text
     code, text = run_cli(["crawl", "--urls", str(files["csv"]), "--output", out, "--crawl.timeout=soon"], capsys)
     assert code == 2 and "crawl.timeout: expected a number" in text
     code, text = run_cli(["filter", "--output", str(tmp_path / "empty_out")], capsys)

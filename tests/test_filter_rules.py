@@ -170,7 +170,7 @@ def test_config_from_dict_rejects_unknown_and_contradictory_settings():
     assert cfg.image.min_side == 64 and cfg.dedup.phash_distance == 2 and cfg.caption.min_words == 2
     with pytest.raises(ValueError, match="unknown key"):
         FilterConfig.from_dict({"image": {"min_sid": 64}})
-    with pytest.raises(ValueError, match="unknown section"):
+    with pytest.raises(ValueError, match="did you mean .image."):
         FilterConfig.from_dict({"imag": {}})
     with pytest.raises(ValueError, match="checkpoint"):
         FilterConfig.from_dict({"clip_score": {"enabled": True}})

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pretrain.config.engine import from_dict
 from pretrain.shards.images import MAX_PIXELS
 
 
@@ -135,22 +136,9 @@ class FilterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "FilterConfig":
-        """Build from nested plain data (e.g. a YAML section); unknown keys are an error."""
-        d = dict(d or {})
-        parts: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            sub = d.pop(f.name, None) or {}
-            if not isinstance(sub, dict):
-                raise ValueError(f"filter config: {f.name} must be a mapping, got {sub!r}")
-            sub_cls = f.default_factory  # type: ignore[misc]
-            names = {sf.name for sf in dataclasses.fields(sub_cls)}
-            unknown = set(sub) - names
-            if unknown:
-                raise ValueError(f"filter config: unknown key(s) {sorted(unknown)} in {f.name} (known: {sorted(names)})")
-            parts[f.name] = sub_cls(**sub)
-        if d:
-            raise ValueError(f"filter config: unknown section(s) {sorted(d)}")
-        return cls(**parts)
+        """Build from nested plain data (e.g. a YAML section) with the project's one config
+        engine: unknown keys name the nearest valid one, types are checked."""
+        return from_dict(cls, d or {}, "filter")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

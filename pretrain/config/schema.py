@@ -54,7 +54,10 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """A braceexpand shard pattern, a data-build manifest.json, or an fsspec URL of either."""
+    """A braceexpand shard pattern, a data-build manifest.json, or an fsspec URL of either.
+    A bare string stands for `{url: ...}` (weight 1), one source for a list of one."""
+
+    __config_shorthand__ = "url"
 
     url: str = ""
     weight: float = 1.0
