@@ -11,7 +11,7 @@ How it meets DeepSpeed:
 - each chunk's pass-2 backward is ONE engine micro-step: `engine.backward(surrogate)` then
   `engine.step()`, which only advances the micro-step counter until the last chunk. A
   parameter's ZeRO-2 reduce hook therefore fires once per micro-step, never twice ("Gradient
-  computed twice for this partition", DeepSpeed #988, CLIP.md s.7); pass 1 runs under
+  computed twice for this partition", DeepSpeed issue #988); pass 1 runs under
   no_grad and the loss's backward only reaches detached features, so no hook fires there.
   The engine's `gradient_accumulation_steps` must equal the number of chunks (in the
   trainer: chunk = train.micro_batch), so that ZeRO reduces and steps at the last chunk;
