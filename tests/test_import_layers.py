@@ -47,11 +47,18 @@ def test_contracts_catch_upward_imports_inside_functions(tmp_path: Path) -> None
         "def g():\n    import pretrain.eval.api  # the data build must not use eval\n    return pretrain\n")
     (tmp_path / "pretrain" / "gradcache" / "_probe.py").write_text(
         "def h():\n    from pretrain.train.step import train_step  # the old cycle\n    return train_step\n")
+    (tmp_path / "pretrain" / "loss" / "_probe.py").write_text(
+        "def k():\n    import deepspeed  # the losses stay free of DeepSpeed\n    return deepspeed\n")
+    (tmp_path / "pretrain" / "eval" / "_probe.py").write_text(
+        "def m():\n    from data_pipeline import layout  # only the demo drives the data build\n    return layout\n")
     out = lint(tmp_path)
     text = out.stdout + out.stderr
     assert out.returncode != 0, text
     assert "pretrain: layers only import downward BROKEN" in text, text
     assert "data_pipeline: the data build never uses the trainer, gradient caching or eval BROKEN" in text, text
+    assert "pretrain: only the demo drives the data build BROKEN" in text, text
+    assert "model, loss, data, config and step code stay free of DeepSpeed BROKEN" in text, text
     for edge in ("pretrain.models._probe -> pretrain.train.loop", "data_pipeline._probe -> pretrain.eval.api",
-                 "pretrain.gradcache._probe -> pretrain.train.step"):
+                 "pretrain.gradcache._probe -> pretrain.train.step", "pretrain.loss._probe -> deepspeed",
+                 "pretrain.eval._probe -> data_pipeline.layout"):
         assert edge in text, text
