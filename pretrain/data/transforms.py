@@ -222,12 +222,9 @@ class EvalTransform:
 
     def __call__(self, data: ImageInput) -> torch.Tensor:
         size = self.image_size
-        if self.reduced_decode:
-            rw, rh = resize_shorter_side_size(*header_size(data), size)
-            img = decode_rgb(data, (rw, rh))
-        else:
-            img = open_image(data)
-            rw, rh = resize_shorter_side_size(*img.size, size)
+        rw, rh = resize_shorter_side_size(*header_size(data), size)  # from the header: nothing decoded yet
+        # In full (as OpenAI's code, and in the image's own mode), or at a reduced JPEG scale.
+        img = decode_rgb(data, (rw, rh)) if self.reduced_decode else open_image(data)
         if img.size != (rw, rh):
             img = img.resize((rw, rh), Image.BICUBIC)
         img = img.crop(center_crop_box(rw, rh, size))
