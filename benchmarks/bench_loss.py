@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from pretrain.loss.clip import clip_local_sum  # noqa: E402
-from pretrain.loss.tiled import auto_block_size, clip_tiled_local_sum  # noqa: E402
+from pretrain.loss.blocks import auto_block_size  # noqa: E402
+from pretrain.loss.tiled import clip_tiled_local_sum  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import reset_peak_rss, rss_bytes  # noqa: E402

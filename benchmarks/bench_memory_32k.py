@@ -11,7 +11,7 @@ ZeRO-2, non-reentrant gradient checkpointing, tiled loss in both modes.
   share as one micro-batch: the only uncached way to give every sample all global
   negatives (gradient accumulation would not).
 Method: every (mode, size) runs in FRESH processes, started by the real `deepspeed` launcher
-(2 ranks; pretrain/gradcache/bigbatch.py). Each rank resets its kernel high-water mark
+(2 ranks; benchmarks/gradcache_bigbatch.py). Each rank resets its kernel high-water mark
 (VmHWM := VmRSS via /proc/self/clear_refs) after building the engine and its inputs, runs
 one step, and reports VmHWM: the largest resident set of that process during the step,
 everything resident included (interpreter, torch, model, optimizer, its inputs). Fresh
@@ -63,10 +63,11 @@ def free_port() -> int:
 
 
 def measure(size: int, cached: bool, chunk: int, checkpointing: bool) -> dict:
-    """One fresh 2-rank launch; per-rank results of pretrain.gradcache.bigbatch."""
+    """One fresh 2-rank launch; per-rank results of gradcache_bigbatch.py."""
     with tempfile.TemporaryDirectory(prefix="bench_mem_") as out:
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(RANKS), "--master_port",
-               str(free_port()), "--module", "pretrain.gradcache.bigbatch", "--out", out, "--global-batch", str(size),
+               str(free_port()), str(Path(__file__).resolve().with_name("gradcache_bigbatch.py")), "--out", out,
+               "--global-batch", str(size),
                "--chunk", str(min(chunk, size // RANKS)), "--zero-stage", "2"]
         cmd += [] if cached else ["--uncached"]
         cmd += [] if checkpointing else ["--no-grad-checkpointing"]

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from pretrain.assets import require_vocab
+
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
 WORD_END = "</w>"
@@ -164,8 +166,6 @@ class ClipTokenizer:
     def from_openai_vocab(cls, path: str | os.PathLike | None = None) -> "ClipTokenizer":
         """From OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (None: the project's cached copy)."""
         if path is None:
-            from pretrain.assets import require_vocab
-
             path = require_vocab()
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1 : N_OPENAI_MERGES + 1]  # line 0 is a header

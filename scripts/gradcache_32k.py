@@ -5,13 +5,13 @@ another way.
     .venv/bin/python scripts/gradcache_32k.py [--global-batch 32768] [--chunk 1024]
         [--zero-stage 2] [--image-size 32] [--context-length 16] [--out DIR] [--tol 1e-3]
 
-1. `deepspeed --num_gpus 2 --module pretrain.gradcache.bigbatch ...` (the real launcher;
+1. `deepspeed --num_gpus 2 benchmarks/gradcache_bigbatch.py ...` (the real launcher;
    on a CPU box it starts 2 gloo ranks): ViT-tiny at 32 px with a 16-token context, each
    rank holding 16,384 samples in 16 chunks of 1,024, non-reentrant gradient checkpointing,
    the tiled loss against all 32,768 negatives, ZeRO-2, SGD; rank 0 saves every parameter's
    reduced gradient read at the accumulation boundary.
 2. The reference, in this process after the ranks have exited: float64, no DeepSpeed, no
-   process group, the CLIP loss gradient in closed form (pretrain/gradcache/reference.py).
+   process group, the CLIP loss gradient in closed form (benchmarks/gradcache_reference.py).
 3. Per parameter, max |cached - reference| / max |reference|; exit status 1 above --tol.
 The scaled-down version (4,096 samples, chunks of 512, against plain full-batch autograd)
 runs in the test suite: tests/test_gradcache_ds.py.
@@ -41,9 +41,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
+sys.path.insert(0, str(REPO / "benchmarks"))  # the big-batch worker and the fp64 reference live there
 
-from pretrain.gradcache.bigbatch import BigBatchSpec, build_model, make_samples  # noqa: E402
-from pretrain.gradcache.reference import reference_grads  # noqa: E402
+from gradcache_bigbatch import BigBatchSpec, build_model, make_samples  # noqa: E402
+from gradcache_reference import reference_grads  # noqa: E402
 
 GIB = 1 << 30
 
@@ -57,8 +58,9 @@ def free_port() -> int:
 def launch(args: argparse.Namespace, out: Path) -> float:
     """The 2-rank cached step through the deepspeed launcher; returns its wall time."""
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "pretrain.gradcache.bigbatch", "--out", str(out), "--global-batch", str(args.global_batch),
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "benchmarks" / "gradcache_bigbatch.py"), "--out", str(out),
+           "--global-batch", str(args.global_batch),
            "--chunk", str(args.chunk), "--zero-stage", str(args.zero_stage), "--image-size", str(args.image_size),
            "--context-length", str(args.context_length), "--save-grads"]
     env = dict(os.environ)

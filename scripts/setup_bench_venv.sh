@@ -7,7 +7,7 @@
 #   BENCH_VENV=/tmp/vb scripts/setup_bench_venv.sh
 #
 # open-clip-torch needs torchvision, and torchvision from the registry imports only beside
-# torch 2.14.1 (the ~5.5 GB CUDA build, which also runs on CPU; see MACHINE.md), so this
+# torch 2.14.1 (the ~5.5 GB CUDA build, which also runs on CPU; docs/cpu_development.md), so this
 # environment pins torch==2.14.1 torchvision==0.29.1 while .venv keeps torch 2.13.0+cpu.
 # It never touches .venv.
 set -euo pipefail

@@ -15,7 +15,7 @@ itself. Results travel through torch.save files in a temp dir (tensors sent thro
 die with the process that shared them). A rank's exception is re-raised in the caller with
 its traceback; a hang is killed after `timeout_s`. Each worker ends with barrier +
 destroy_process_group + immediate exit, which avoids gloo's rare abort at interpreter exit
-(MACHINE.md).
+(docs/cpu_development.md).
 """
 
 from __future__ import annotations

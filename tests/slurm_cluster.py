@@ -2,7 +2,7 @@
 
 One slurmctld and two slurmd daemons ("nodes" n1 and n2, each with 1 CPU) share the host;
 each slurmd has its own port and uses `%n` in its spool/pid/log paths
-(/work/shared/reference/MACHINE.md). Everything lives in a short temporary directory:
+(docs/cpu_development.md). Everything lives in a short temporary directory:
 slurm.conf, cgroup.conf, a private munged (own key copy and socket, so a system munged is
 neither needed nor touched), state, spool and logs. The node names are mapped to 127.0.0.1
 by a tagged line in /etc/hosts while the cluster runs (job scripts take MASTER_ADDR from
@@ -220,7 +220,7 @@ class SlurmCluster:
         host = socket.gethostname()
         ports = [free_port() for _ in range(3)]
         self.conf.write_text(_slurm_conf(self.root, host, ports[0], ports[1:]))
-        # cgroup/v1 with IgnoreSystemd: this Slurm refuses CgroupPlugin=disabled (MACHINE.md)
+        # cgroup/v1 with IgnoreSystemd: this Slurm refuses CgroupPlugin=disabled (docs/cpu_development.md)
         (self.root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")
         self._start_munge()
         self._add_hosts()

@@ -59,8 +59,8 @@ def test_random_square_crop_positions_vary_and_are_deterministic():
 
 
 def test_eval_geometry_by_hand():
-    assert resize_shorter_side_size(640, 480, 224) == (299, 224)  # 640 * 224 / 480 = 298.67
-    assert resize_shorter_side_size(480, 640, 224) == (224, 299)
+    assert resize_shorter_side_size(640, 480, 224) == (298, 224)  # 640 * 224 / 480 = 298.67, truncated (torchvision)
+    assert resize_shorter_side_size(480, 640, 224) == (224, 298)
     assert resize_shorter_side_size(50, 50, 224) == (224, 224)
     assert center_crop_box(299, 224, 224) == (38, 0, 262, 224)  # round(75 / 2) = 38 (banker's)
     assert center_crop_box(300, 200, 200) == (50, 0, 250, 200)

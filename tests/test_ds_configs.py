@@ -6,7 +6,7 @@ the merged configs of every template to a real `deepspeed.initialize` and trains
 
 Optimizer offload is exercised there with a client torch AdamW
 (`zero_force_ds_cpu_optimizer: false`), which needs no compiled op. The default offload
-optimizer, DeepSpeedCPUAdam, JIT-builds a C++ op on first use (~93 s on 2 cores, MACHINE.md),
+optimizer, DeepSpeedCPUAdam, JIT-builds a C++ op on first use (~93 s on 2 cores, docs/cpu_development.md),
 too slow for every CI run: tests/test_train_step.py adds a DeepSpeedCPUAdam configuration when
 that op is already in the torch-extensions cache or when CLIP_TEST_CPU_ADAM=1 asks for the build.
 

@@ -21,14 +21,15 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711])
 
 
 def reference_scores(model, images: list[bytes], captions: list[str]) -> np.ndarray:
-    """One sample at a time, float64 cosine: shorter side -> S bicubic, centre crop, mean/std."""
+    """One sample at a time, float64 cosine: shorter side -> S bicubic (longer side truncated,
+    as OpenAI's torchvision Resize: docs/eval_transform.md), centre crop, mean/std."""
     s = model.image_size
     tok = tokenizer_mod.default_tokenizer()
     out = []
     for data, cap in zip(images, captions):
         img = Image.open(io.BytesIO(data)).convert("RGB")
         w, h = img.size
-        nw, nh = (s, round(h * s / w)) if w <= h else (round(w * s / h), s)
+        nw, nh = (s, int(h * s / w)) if w <= h else (int(w * s / h), s)
         img = img.resize((nw, nh), Image.BICUBIC)
         left, top = round((nw - s) / 2), round((nh - s) / 2)
         x = (np.asarray(img.crop((left, top, left + s, top + s)), dtype=np.float64) / 255 - MEAN) / STD

@@ -12,6 +12,8 @@ Run: `.venv/bin/python -m pytest -q tests/test_gradcache.py`
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ from torch import nn
 from pretrain.gradcache import gradcache_backward, preserved_buffers, split_batch
 from pretrain.loss import get_loss
 from pretrain.models import create_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the fp64 reference lives there
+from gradcache_reference import clip_loss_grads, reference_grads  # noqa: E402
 
 IMAGE_SIZE = 32
 CONTEXT = 16
@@ -188,8 +193,6 @@ def test_bad_inputs_raise_clear_errors() -> None:
 def test_closed_form_reference_loss_matches_autograd() -> None:
     """The fp64 reference of scripts/gradcache_32k.py: closed-form CLIP loss gradients in
     row blocks == autograd through pretrain.loss.clip_loss."""
-    from pretrain.gradcache.reference import clip_loss_grads
-
     g = torch.Generator().manual_seed(3)
     img = nn.functional.normalize(torch.randn(50, 8, generator=g, dtype=torch.float64), dim=1).requires_grad_()
     txt = nn.functional.normalize(torch.randn(50, 8, generator=g, dtype=torch.float64), dim=1).requires_grad_()
@@ -204,8 +207,6 @@ def test_closed_form_reference_loss_matches_autograd() -> None:
 
 
 def test_fp64_reference_grads_match_full_batch_autograd() -> None:
-    from pretrain.gradcache.reference import reference_grads
-
     model = make_model("ViT-tiny").train()
     images, tokens = make_batch(40, model.vocab_size)
     ref_loss, ref = full_batch_grads(model, images, tokens, "clip")

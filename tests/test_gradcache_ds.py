@@ -21,8 +21,10 @@ Run: `.venv/bin/python -m pytest -q tests/test_gradcache_ds.py`
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +32,9 @@ import torch.distributed as dist
 
 from dist_harness import run_distributed
 from train_driver import unsupported_precision
-from pretrain.gradcache.bigbatch import BigBatchSpec, build_model, ds_config, make_samples, run_rank
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the big-batch worker lives there
+from gradcache_bigbatch import BigBatchSpec, build_model, ds_config, make_samples, run_rank  # noqa: E402
 from pretrain.loss import get_loss
 
 SMALL = BigBatchSpec(global_batch=24, chunk=4, loss="clip", zero_stage=1, lr=0.5, save_grads=True)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pretrain.loss import clip_loss, clip_loss_tiled, get_loss
-from pretrain.loss.tiled import auto_block_size, tiled_row_ce
+from pretrain.loss.blocks import auto_block_size
+from pretrain.loss.tiled import tiled_row_ce
 
 
 def unit_rows(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pretrain.models import PAPER_MODELS, create_model, list_models
 from pretrain.models.layers import QuickGELU, SelfAttention
 from pretrain.models.resnet import AttentionPool2d
 
-# CLIP.md section 2, millions of parameters
+# the CLIP paper's counts (arXiv 2103.00020; docs/models.md), millions of parameters
 PAPER_PARAMS_M = {"RN50": 102, "RN101": 120, "RN50x4": 178, "RN50x16": 291, "RN50x64": 623,
                   "ViT-B/32": 151, "ViT-B/16": 150, "ViT-L/14": 428, "ViT-L/14@336": 428}
 TINY = ("RN-tiny", "ViT-tiny")

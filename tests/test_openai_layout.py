@@ -1,6 +1,6 @@
 """OpenAI checkpoint layout tests (CPU, a few seconds): exact round trips through
 ``to_openai_state_dict`` / ``from_openai_state_dict``, config inference from shapes for
-every named model (meta device), the key set of CLIP.md section 3, checkpoint wrappers
+every named model (meta device), the key set of OpenAI's layout (docs/models.md), checkpoint wrappers
 and positional-embedding resizing (checked against an independent bicubic).
 
     .venv/bin/python -m pytest -q tests/test_openai_layout.py

@@ -6,7 +6,7 @@ Three launches, gradient checkpointing on in all (tests/test_resume.py adds ZeRO
   `train.max_consecutive_nonfinite=2`: step 3 is skipped and counted, training goes on and the
   loss decreases; steps 39-40 stop the run with exit code 3, a clear message and a complete
   checkpoint holding the weights of step 38;
-- RN-tiny, ZeRO-3, bf16 (the combination MACHINE.md saw abort at exit): the loss
+- RN-tiny, ZeRO-3, bf16 (where gloo's abort at exit was first seen, docs/cpu_development.md): the loss
   decreases, both processes exit 0, zero-shot and retrieval evaluation run on gathered
   parameters, and `python -m pretrain.export` writes an OpenAI-layout file that
   `from_openai_state_dict` loads with the consolidated weights.

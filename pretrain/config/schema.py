@@ -152,7 +152,7 @@ class TrainConfig:
         _check(not (self.offload_optimizer and self.zero_stage == 0),
                "train.offload_optimizer needs ZeRO stage >= 1 (ZeRO-0 has no partitioned optimizer to offload)")
         # DeepSpeed's plain (ZeRO-0) bf16 path keeps bf16 gradients and applies them to bf16
-        # weights; the fp32 master copy needs a ZeRO optimizer (MACHINE.md).
+        # weights; the fp32 master copy needs a ZeRO optimizer (docs/cpu_development.md).
         # DeepSpeed's ZeRO-0 bf16 path trains on bf16 gradients, and its ZeRO-0 fp16 optimizer
         # keeps fp32 master weights out of reach of the public safe_*_fp32_param API that the
         # logit-scale clamp needs: low precision takes a ZeRO optimizer (stage >= 1).

@@ -11,13 +11,13 @@ normalisation), ``loader`` (batching, fixed steps, exact resume).
 """
 from .loader import TrainLoader, make_train_loader
 from .sources import DataSource, expand_sources, expand_urls, open_shard
-from .transforms import (CLIP_MEAN, CLIP_STD, center_crop_box, crop_resize, decode_rgb, eval_transform,
-                         header_size,
+from .transforms import (CLIP_MEAN, CLIP_STD, EvalTransform, center_crop_box, crop_resize, decode_rgb,
+                         eval_transform, header_size,
                          random_square_crop_box, resize_shorter_side_size, sample_rng,
                          to_normalized_tensor, train_transform)
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "DataSource", "TrainLoader", "center_crop_box", "crop_resize",
+    "CLIP_MEAN", "CLIP_STD", "DataSource", "EvalTransform", "TrainLoader", "center_crop_box", "crop_resize",
     "decode_rgb", "eval_transform", "expand_sources", "header_size", "expand_urls", "make_train_loader",
     "open_shard", "random_square_crop_box", "resize_shorter_side_size", "sample_rng",
     "to_normalized_tensor", "train_transform",

@@ -12,7 +12,8 @@ the loader (tests/test_data_loader.py):
 - ``crop_resize``: crop a box and resize it to a square (bicubic, antialiased).
 - ``to_normalized_tensor``: uint8 RGB -> float [3, H, W] normalised with CLIP's mean/std.
 
-``train_transform(size, crop_scale)`` and ``eval_transform(size)`` chain them.
+``train_transform(size, crop_scale)`` and ``eval_transform(size)`` (an `EvalTransform`: OpenAI
+CLIP's eval preprocessing, the project's only one) chain them.
 
     tf = train_transform(224, (0.9, 1.0))
     x = tf(jpeg_bytes, sample_rng(seed, epoch, key))   # FloatTensor [3, 224, 224]
@@ -114,14 +115,17 @@ def random_square_crop_box(w: int, h: int, rng: random.Random,
 
 
 def resize_shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
-    """(w', h') with the shorter side equal to ``size`` and the aspect ratio kept."""
+    """(w', h') with the shorter side equal to ``size`` and the aspect ratio kept, the longer
+    side truncated to an integer: torchvision's ``Resize(size)`` rule, which OpenAI's CLIP
+    preprocessing uses (docs/eval_transform.md)."""
     if w <= h:
-        return size, max(size, int(round(h * size / w)))
-    return max(size, int(round(w * size / h))), size
+        return size, int(size * h / w)
+    return int(size * w / h), size
 
 
 def center_crop_box(w: int, h: int, size: int) -> Box:
-    """The centred size x size box (offsets rounded as in the usual CenterCrop)."""
+    """The centred size x size box, offsets ``int(round((w - size) / 2))`` (Python's
+    round-half-to-even) as torchvision's ``CenterCrop``, which OpenAI's CLIP preprocessing uses."""
     left = int(round((w - size) / 2.0))
     top = int(round((h - size) / 2.0))
     return (left, top, left + size, top + size)
@@ -187,17 +191,46 @@ def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.9, 1.0
     return apply
 
 
-def eval_transform(image_size: int, reduced_decode: bool = True) -> Callable[[ImageInput], torch.Tensor]:
-    """``f(image) -> FloatTensor[3, S, S]``: resize the shorter side to S (bicubic), centre crop
-    S x S, normalise. Accepts JPEG/PNG bytes, a PIL image or a uint8 array (H,W[,3])."""
-    size = int(image_size)
+class EvalTransform:
+    """``f(image) -> FloatTensor[3, S, S]``: OpenAI CLIP's eval preprocessing, the one eval
+    transform of the project (zero-shot and retrieval in the trainer and in ``clip-eval``,
+    the CLIP-score filter of the data build). Picklable, so DataLoader workers can run it.
 
-    def apply(data: ImageInput) -> torch.Tensor:
-        w, h = header_size(data)
-        rw, rh = resize_shorter_side_size(w, h, size)
-        img = decode_rgb(data, (rw, rh) if reduced_decode else None)
+    Resize the shorter side to S (bicubic, longer side truncated: `resize_shorter_side_size`;
+    no resize when the shorter side is already S), centre crop S x S (`center_crop_box`),
+    convert to RGB, normalise with CLIP's mean/std: torchvision's ``Resize(S, BICUBIC)``,
+    ``CenterCrop(S)``, ``ToTensor()``, ``Normalize(CLIP_MEAN, CLIP_STD)`` in that order, as in
+    OpenAI's release (docs/eval_transform.md). The image is resized in its own mode, as PIL
+    does under torchvision (grey stays one channel until the RGB conversion).
+
+    Accepts JPEG/PNG bytes, a PIL image or a uint8 array (H, W[, 3]). ``reduced_decode=True``
+    trades exactness for speed: a JPEG much larger than the target is decoded at a reduced
+    DCT scale first (see `decode_rgb`); the default decodes in full, as OpenAI's code does.
+    """
+
+    def __init__(self, image_size: int, reduced_decode: bool = False) -> None:
+        if int(image_size) <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = int(image_size)
+        self.reduced_decode = bool(reduced_decode)
+
+    @property
+    def ident(self) -> str:
+        """Names the output exactly (part of the eval feature-cache key): bump the version
+        whenever the pixels this transform produces change."""
+        return f"pretrain.data.EvalTransform({self.image_size},reduced_decode={self.reduced_decode})/v2"
+
+    def __call__(self, data: ImageInput) -> torch.Tensor:
+        size = self.image_size
+        rw, rh = resize_shorter_side_size(*header_size(data), size)  # from the header: nothing decoded yet
+        # In full (as OpenAI's code, and in the image's own mode), or at a reduced JPEG scale.
+        img = decode_rgb(data, (rw, rh)) if self.reduced_decode else open_image(data)
         if img.size != (rw, rh):
             img = img.resize((rw, rh), Image.BICUBIC)
-        return to_normalized_tensor(img.crop(center_crop_box(rw, rh, size)))
+        img = img.crop(center_crop_box(rw, rh, size))
+        return to_normalized_tensor(img if img.mode == "RGB" else img.convert("RGB"))
 
-    return apply
+
+def eval_transform(image_size: int, reduced_decode: bool = False) -> EvalTransform:
+    """The eval transform for ``image_size`` (see `EvalTransform`)."""
+    return EvalTransform(image_size, reduced_decode)

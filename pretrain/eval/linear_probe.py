@@ -1,4 +1,4 @@
-"""Linear probes on frozen image features (CLIP.md section 5).
+"""Linear probes on frozen image features (the CLIP paper's protocol, arXiv 2103.00020 appendix A.3).
 
 scikit-learn L-BFGS logistic regression (max_iter 1000). The inverse regularisation C is
 searched on a validation split: first the decade grid 1e-6 .. 1e6, then a binary search

@@ -6,10 +6,11 @@ sample seeing all global negatives and gradients equal to the uncached computati
     out = gradcache_train_step(engine, micro_batches, loss_fn)             # DeepSpeed engine
 
 core.py holds the algorithm, replay.py what makes the second forward identical to the
-first (RNG state, BatchNorm buffers), plain.py and engine.py the two wrappers.
-bigbatch.py is the per-rank worker of the 32k check and the memory benchmark
-(scripts/gradcache_32k.py, benchmarks/bench_memory_32k.py); reference.py their
-independent float64 reference gradient.
+first (RNG state, BatchNorm buffers), plain.py and engine.py the two wrappers; the step's
+ending is shared with the plain trainer step (pretrain.engine_step.finish_step). The 32k
+check and the memory benchmark (scripts/gradcache_32k.py, benchmarks/bench_memory_32k.py)
+run benchmarks/gradcache_bigbatch.py per rank and compare with the independent float64
+reference gradient of benchmarks/gradcache_reference.py.
 Run the tests: `.venv/bin/python -m pytest -q tests/test_gradcache.py tests/test_gradcache_ds.py`.
 """
 

@@ -11,7 +11,7 @@ How it meets DeepSpeed:
 - each chunk's pass-2 backward is ONE engine micro-step: `engine.backward(surrogate)` then
   `engine.step()`, which only advances the micro-step counter until the last chunk. A
   parameter's ZeRO-2 reduce hook therefore fires once per micro-step, never twice ("Gradient
-  computed twice for this partition", DeepSpeed #988, CLIP.md s.7); pass 1 runs under
+  computed twice for this partition", DeepSpeed issue #988); pass 1 runs under
   no_grad and the loss's backward only reaches detached features, so no hook fires there.
   The engine's `gradient_accumulation_steps` must equal the number of chunks (in the
   trainer: chunk = train.micro_batch), so that ZeRO reduces and steps at the last chunk;
@@ -24,7 +24,8 @@ How it meets DeepSpeed:
   engine.backward registered. fp16 loss scaling still applies (the engine does it);
 - DeepSpeed averages parameter gradients over ranks, which with the losses' all-gather
   convention gives the single-process full-global-batch gradient (pretrain.loss).
-Non-finite losses are handled as in pretrain/train/step.py: all ranks agree, the cached
+Non-finite losses are handled as in pretrain/train/step.py, and the step ends the same way
+(`pretrain.engine_step.finish_step`: boundary update, metrics): all ranks agree, the cached
 gradients become NaN on every rank, and the optimizer skips the update.
 ZeRO-3 works as well (tested): it gathers each layer's parameters in pass 1 and again in
 pass 2, one more gather per chunk than an uncached micro-batch.
@@ -35,12 +36,12 @@ Run the tests: `.venv/bin/python -m pytest -q tests/test_gradcache_ds.py`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from pretrain.engine_step import StepOutput, any_rank, compute_dtype, finish_step
 from pretrain.gradcache.core import Chunk, LossFn, embed_chunks, feature_grads, replay_backward, split_batch
-from pretrain.train.step import StepOutput, any_rank, sum_over_ranks, compute_dtype
 
 
 @dataclass
@@ -99,15 +100,8 @@ def gradcache_train_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn,
     diff = replay_backward(forward, chunks, cache, grads, backward, engine.module)
     if on_boundary is not None:
         on_boundary()
-    engine.step()
-    applied = bool(engine.was_step_applied())
-    norm = engine.get_global_grad_norm()
-    value = 0.0 if bad else float(loss)
-    total, n, skipped_all = sum_over_ranks([value, 0.0 if bad else 1.0, float(skipped)], device)
-    return GradCacheStepOutput(loss=total / n if n else float("nan"), loss_nonfinite=bad, applied=applied,
-                               grad_norm=float(norm) if norm is not None else None,
-                               logit_scale=float(cache.logit_scale), skipped_samples=int(skipped_all),
-                               replay_max_diff=diff)
+    out = finish_step(engine, 0.0 if bad else float(loss), 0 if bad else 1, bad, float(cache.logit_scale), skipped)
+    return GradCacheStepOutput(**asdict(out), replay_max_diff=diff)
 
 
 def gradcache_step(engine, images: torch.Tensor, tokens: torch.Tensor, loss_fn: LossFn, chunk: int,

@@ -27,7 +27,7 @@ def check_features(image_features: torch.Tensor, text_features: torch.Tensor) ->
 
 def as_scalar(value: torch.Tensor | float, like: torch.Tensor, name: str) -> torch.Tensor:
     """A 0-dim tensor from a float, a 0-dim tensor or a one-element tensor (the model holds
-    its logit scale as shape [1], see the brief); keeps the autograd graph."""
+    its logit scale as shape [1], docs/models.md); keeps the autograd graph."""
     if not torch.is_tensor(value):
         return torch.tensor(float(value), dtype=like.dtype, device=like.device)
     if value.numel() != 1:

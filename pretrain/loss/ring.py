@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from pretrain.loss.common import as_scalar, check_features, rank_share
 from pretrain.loss.gather import gather_sizes, world_info
-from pretrain.loss.tiled import _acc_dtype, _matmul_into, _positives_in_block, auto_block_size, new_row_state, row_ce
+from pretrain.loss.blocks import acc_dtype, auto_block_size, matmul_into, new_row_state, positives_in_block, row_ce
 
 # Separate tags: messages of one block may cross (texts are prefetched, statistics and
 # gradients follow the compute).
@@ -104,7 +104,7 @@ def _fold_tile(img_s: torch.Tensor, txt: torch.Tensor, rows: tuple[torch.Tensor,
         stop = min(start + block_size, txt.shape[0])
         z = (img_s @ txt[start:stop].T).to(r_sum.dtype)  # (b, k)
         if own:
-            i, j = _positives_in_block(b, 0, start, stop, img_s.device)
+            i, j = positives_in_block(b, 0, start, stop, img_s.device)
             r_pos[i] = z[i, j]
             c_pos[start + j] = z[i, j]
         cm = c_max[start:stop]
@@ -140,11 +140,11 @@ def _backprop_tile(img_s: torch.Tensor, txt: torch.Tensor, row: tuple[torch.Tens
         dz = z.sub_(r_max[:, None]).exp_().mul_(row_w).add_(d_col)
         del d_col
         if own:
-            i, j = _positives_in_block(b, 0, start, stop, img_s.device)
+            i, j = positives_in_block(b, 0, start, stop, img_s.device)
             dz[i, j] -= g_row[i] + g_col[start + j]
         dz = dz.to(img_s.dtype)
-        _matmul_into(grad_img, dz, t_blk, accumulate=True)
-        _matmul_into(grad_txt[start:stop], dz.T, img_s, accumulate=True)
+        matmul_into(grad_img, dz, t_blk, accumulate=True)
+        matmul_into(grad_txt[start:stop], dz.T, img_s, accumulate=True)
         del dz
 
 
@@ -156,7 +156,7 @@ class RingCLIP(torch.autograd.Function):
         ctx: Any, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, ring: Ring, block_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = image.shape[0]
-        acc = _acc_dtype(image)
+        acc = acc_dtype(image)
         img_s = image * scale
         rows = new_row_state(b, image.device, acc)
         block = text  # the texts held at this step; their column statistics travel with them
@@ -189,7 +189,7 @@ class RingCLIP(torch.autograd.Function):
         image, text, scale, r_max, r_sum, t_max, t_sum = ctx.saved_tensors
         ring, block_size = ctx.ring, ctx.block_size
         b, d = image.shape
-        acc = _acc_dtype(image)
+        acc = acc_dtype(image)
         img_s = image * scale
         zeros = torch.zeros(b, dtype=acc, device=image.device)
         g_row = zeros if grad_ce_image is None else grad_ce_image.to(acc)

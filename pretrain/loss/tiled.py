@@ -25,53 +25,9 @@ from typing import Any
 
 import torch
 
+from pretrain.loss.blocks import acc_dtype, auto_block_size, matmul_into, new_row_state, positives_in_block, row_ce
 from pretrain.loss.common import as_scalar, check_features, rank_share
 from pretrain.loss.gather import gather_pair, world_info
-
-BLOCK_ELEMENTS = 1 << 23  # default block budget: b x block_size ~ 8M logits (32 MiB fp32)
-MIN_BLOCK_SIZE = 256  # below this the per-block matmuls get too thin to run fast
-
-
-def auto_block_size(local_rows: int, global_rows: int) -> int:
-    """Columns per block so that a block holds about BLOCK_ELEMENTS logits."""
-    return max(1, min(global_rows, max(MIN_BLOCK_SIZE, BLOCK_ELEMENTS // max(local_rows, 1))))
-
-
-def _positives_in_block(
-    b: int, offset: int, start: int, stop: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns within the block) of the positive pairs that fall in columns
-    [start, stop): row i's positive is global column offset + i."""
-    lo, hi = max(start - offset, 0), min(stop - offset, b)
-    rows = torch.arange(lo, max(hi, lo), device=device)
-    return rows, rows + (offset - start)
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulate in fp32 even for bf16/fp16 features (the exp-sums are the sensitive part),
-    in fp64 for fp64 features."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _matmul_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, accumulate: bool) -> None:
-    """out (+)= x @ y without a temporary where possible (a k x d temporary at k = B is as big
-    as the gathered features). Under autocast, or across dtypes, fall back to the
-    out-of-place product so that autocast still picks the matmul precision."""
-    if out.dtype == x.dtype == y.dtype and not torch.is_autocast_enabled(out.device.type):
-        if accumulate:
-            out.addmm_(x, y)
-        else:
-            torch.mm(x, y, out=out)
-    elif accumulate:
-        out += x @ y
-    else:
-        out.copy_(x @ y)
-
-
-def new_row_state(b: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(running max, running sum of exp, positive logit) of b rows, before any column."""
-    return (torch.full((b,), float("-inf"), device=device, dtype=dtype),
-            torch.zeros((b,), device=device, dtype=dtype), torch.zeros((b,), device=device, dtype=dtype))
 
 
 def fold_columns(a_s: torch.Tensor, c: torch.Tensor, run_max: torch.Tensor, run_sum: torch.Tensor,
@@ -84,18 +40,13 @@ def fold_columns(a_s: torch.Tensor, c: torch.Tensor, run_max: torch.Tensor, run_
         stop = min(start + block_size, c.shape[0])
         z = (a_s @ c[start:stop].T).to(acc)  # (b, k), the only b x k buffer
         if offset is not None:
-            rows, cols = _positives_in_block(b, offset, start, stop, a_s.device)
+            rows, cols = positives_in_block(b, offset, start, stop, a_s.device)
             positive[rows] = z[rows, cols]
         new_max = torch.maximum(run_max, z.amax(dim=1))
         # first block: exp(-inf - finite) = 0 multiplies an empty sum, as it should
         run_sum.mul_(torch.exp(run_max - new_max)).add_(z.sub_(new_max[:, None]).exp_().sum(dim=1))
         run_max.copy_(new_max)
         del z
-
-
-def row_ce(row_max: torch.Tensor, row_sum: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy from the streaming state: lse - positive."""
-    return (row_max - positive) + torch.log(row_sum)
 
 
 def backprop_columns(a_s: torch.Tensor, c: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor,
@@ -114,12 +65,12 @@ def backprop_columns(a_s: torch.Tensor, c: torch.Tensor, row_max: torch.Tensor, 
         # dz = dL/dz, built in place in the one b x k buffer
         dz = (a_s @ c_blk.T).to(acc).sub_(row_max[:, None]).exp_().mul_(g_over_sum)
         if offset is not None:
-            rows, cols = _positives_in_block(a_s.shape[0], offset, start, stop, a_s.device)
+            rows, cols = positives_in_block(a_s.shape[0], offset, start, stop, a_s.device)
             dz[rows, cols] -= g[rows]
         dz = dz.to(a_s.dtype)
-        _matmul_into(grad_a, dz, c_blk, accumulate=True)
+        matmul_into(grad_a, dz, c_blk, accumulate=True)
         if grad_c is not None:
-            _matmul_into(grad_c[start:stop], dz.T, a_s, accumulate=accumulate_c)  # = s dz^T A
+            matmul_into(grad_c[start:stop], dz.T, a_s, accumulate=accumulate_c)  # = s dz^T A
         del dz
 
 
@@ -135,7 +86,7 @@ class TiledRowCE(torch.autograd.Function):
         ctx: Any, a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, offset: int, block_size: int
     ) -> torch.Tensor:
         b = a.shape[0]
-        acc = _acc_dtype(a)
+        acc = acc_dtype(a)
         a_s = a * scale  # scale folded into the b x d side, as the plain loss does: (s A) C^T
         run_max, run_sum, positive = new_row_state(b, a.device, acc)
         fold_columns(a_s, c, run_max, run_sum, positive, offset, block_size)
@@ -161,7 +112,7 @@ class TiledRowCE(torch.autograd.Function):
     def _backward(ctx: Any, grad_ce: torch.Tensor) -> tuple[Any, ...]:
         a, c, scale, row_max, row_sum = ctx.saved_tensors
         offset, block_size = ctx.offset, ctx.block_size
-        acc = _acc_dtype(a)
+        acc = acc_dtype(a)
         need_a, need_c, need_s = ctx.needs_input_grad[:3]
         a_s = a * scale
         g = grad_ce.to(acc)

@@ -1,4 +1,4 @@
-"""Typed model configs: the nine models of the CLIP paper (CLIP.md section 2) and two tiny
+"""Typed model configs: the nine models of the CLIP paper (arXiv 2103.00020; docs/models.md) and two tiny
 ones ("RN-tiny", "ViT-tiny") sized for CPU tests and demos.
 
 Heads follow OpenAI's rule (ViT and text: width / 64; ResNet attention pool:

@@ -93,7 +93,7 @@ class ResidualAttentionBlock(nn.Module):
 
 def run_checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Activation checkpointing, always non-reentrant: the reentrant variant silently
-    drops parameter gradients when no input of the block requires grad (CLIP.md s.7)."""
+    drops parameter gradients when no input of the block requires grad (docs/models.md)."""
     return checkpoint(fn, x, use_reentrant=False)
 
 

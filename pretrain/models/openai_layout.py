@@ -1,5 +1,5 @@
 """Conversion between this project's CLIP modules and OpenAI's checkpoint layout
-(CLIP.md section 3, also used by open_clip for these models).
+(docs/models.md; open_clip uses the same names for these models).
 
 Our parameter names already follow that layout; the differences are the 0-dim
 ``logit_scale`` of the OpenAI layout (ours is shape [1], see clip.py), the JIT-archive

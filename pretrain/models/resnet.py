@@ -1,4 +1,4 @@
-"""CLIP's ModifiedResNet image tower (CLIP.md section 2) with QKV attention pooling.
+"""CLIP's ModifiedResNet image tower (arXiv 2103.00020; docs/models.md) with QKV attention pooling.
 
 Differences from a torchvision ResNet: a 3-conv stem with a 2x2 average pool, anti-aliased
 downsampling (stride-1 convolutions followed by an average pool; shortcut = avgpool ->

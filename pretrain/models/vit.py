@@ -1,4 +1,4 @@
-"""CLIP's Vision Transformer image tower (CLIP.md section 2).
+"""CLIP's Vision Transformer image tower (arXiv 2103.00020; docs/models.md).
 
 conv patchify (no bias) -> [class token; patches] + learned positional embedding ->
 ln_pre -> pre-norm transformer -> ln_post on the class token -> ``@ proj``.

@@ -33,7 +33,7 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     if cfg.model.init_from and not will_resume(cfg):
         init_model_from(model, cfg.model.init_from)  # before initialize: ZeRO-3 partitions there
     # Non-reentrant checkpointing on both towers (reentrant drops the gradient of a tower
-    # whose input does not require grad: CLIP.md section 7).
+    # whose input does not require grad: docs/models.md, parity rules).
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return model
 

@@ -10,7 +10,7 @@ per device, or a plain single process.
   would leave 66 MB per rank in /dev/shm (RAM) until reboot;
 - `finish(code)` ends a worker with barrier + destroy_process_group + an immediate
   `os._exit`: letting the interpreter tear down a live gloo group aborts the process now and
-  then ("terminate called without an active exception", MACHINE.md), which the launcher
+  then ("terminate called without an active exception", docs/cpu_development.md), which the launcher
   reports as a failed rank.
 """
 

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
 from pretrain.config import RunConfig
+from pretrain.eval import load_eval_dataset, retrieval_eval, zeroshot_eval
+from pretrain.train.build import build_model
 from pretrain.train.distributed import barrier
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,6 @@ class PeriodicEval:
         return periodic or (self.ecfg.at_end and step == total_steps)
 
     def _dataset(self, spec: str, split: str) -> Any:
-        from pretrain.eval import load_eval_dataset
-
         key = f"{spec}|{split}"
         if key not in self._datasets:
             limit = self.ecfg.limit or None
@@ -56,10 +57,6 @@ class PeriodicEval:
         low_precision_cpu = engine.device.type == "cpu" and next(module.parameters()).dtype != torch.float32
         if not (stage3 or low_precision_cpu):
             return module
-        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-        from pretrain.train.build import build_model
-
         copy = None
         ctx = GatheredParameters(list(module.parameters())) if stage3 else contextlib.nullcontext()
         with ctx:  # entered on ALL ranks: the gather is collective
@@ -71,8 +68,6 @@ class PeriodicEval:
 
     def run(self, engine, step: int) -> dict[str, float]:
         """Evaluate (rank 0) and return flat metrics `{"eval/zeroshot_top1": ..., ...}`."""
-        from pretrain.eval import retrieval_eval, zeroshot_eval
-
         model = self._eval_model(engine)
         flat: dict[str, float] = {}
         if self.rank == 0:

@@ -21,6 +21,7 @@ import torch
 
 from pretrain.config import RunConfig, flatten
 from pretrain.data import DataSource, make_train_loader
+from pretrain.gradcache import gradcache_train_step
 from pretrain.loss import get_loss
 from pretrain.tokenizer import default_tokenizer
 from pretrain.train import checkpoint as ckpt
@@ -93,8 +94,6 @@ class _Trainer:
         self.loss_fn = get_loss(cfg.train.loss, **cfg.train.loss_options)
         self.step_fn = train_step
         if cfg.train.grad_cache:  # same signature and output: the micro-batches become cache chunks
-            from pretrain.gradcache import gradcache_train_step
-
             self.step_fn = gradcache_train_step
             log.info("gradient caching: %d chunks of %d per rank and step", accum, cfg.train.micro_batch)
         self.evaluator = PeriodicEval(cfg, self.tokenizer, run_dir, env.rank)

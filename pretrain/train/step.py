@@ -13,51 +13,21 @@ boundary. Non-finite values are handled the same way at every ZeRO stage and pre
 - `engine.was_step_applied()` then tells the caller whether the update happened.
 
 The phases are labelled for torch.profiler (`step.forward`, `step.loss`, ...; see
-benchmarks/profile_step.py); outside a profiler the labels cost microseconds.
+benchmarks/profile_step.py); outside a profiler the labels cost microseconds. The step's
+ending (boundary update, metrics) is `pretrain.engine_step.finish_step`, shared with the
+gradient-cached step (pretrain/gradcache/engine.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.profiler import record_function
 
+from pretrain.engine_step import StepOutput, any_rank, compute_dtype, finish_step
 
-@dataclass
-class StepOutput:
-    loss: float  # mean finite micro-batch loss over ranks and micro-batches (nan when none)
-    loss_nonfinite: bool  # some rank's loss was NaN/Inf in this step (all ranks agree)
-    applied: bool  # the optimizer update happened
-    grad_norm: float | None  # global gradient norm before clipping (inf/nan when skipped)
-    logit_scale: float  # exp(t) used by the last micro-batch's forward
-    skipped_samples: int  # bad samples the loaders of all ranks skipped for this step
-
-
-def compute_dtype(engine) -> torch.dtype:
-    """The dtype DeepSpeed keeps the module in (inputs are cast to it)."""
-    if engine.bfloat16_enabled():
-        return torch.bfloat16
-    if engine.fp16_enabled():
-        return torch.float16
-    return torch.float32
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+__all__ = ["StepOutput", "compute_dtype", "train_step"]
 
 
 def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., torch.Tensor], *,
@@ -74,6 +44,7 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
     device, dtype = engine.device, compute_dtype(engine)
     finite_sum, finite_n, any_bad, scale_value = 0.0, 0, False, float("nan")
     skipped = 0
+    last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
         images = batch["images"].to(device, dtype=dtype, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
@@ -100,12 +71,7 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
         scale_value = float(logit_scale.detach().float())
         with record_function("step.backward"):
             engine.backward(loss)
-        with record_function("step.optimizer"):  # at the accumulation boundary only
-            engine.step()
-    with record_function("step.stats"):
-        applied = bool(engine.was_step_applied())
-        norm = engine.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else None
-        total, n, skipped_all = sum_over_ranks([finite_sum, float(finite_n), float(skipped)], device)
-    return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=any_bad, applied=applied,
-                      grad_norm=grad_norm, logit_scale=scale_value, skipped_samples=int(skipped_all))
+        if i < last:
+            with record_function("step.optimizer"):  # not a boundary: advances the micro-step counter only
+                engine.step()
+    return finish_step(engine, finite_sum, finite_n, any_bad, scale_value, skipped)

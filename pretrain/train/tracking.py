@@ -7,7 +7,7 @@
   already exist are not logged again (MLflow refuses to change a param), a changed value
   is reported in the log.
 - Metrics go through a queue to a background thread that sends them with `log_batch`
-  about once a second (a sqlite `log_metric` call costs ~23 ms: MACHINE.md).
+  about once a second (a sqlite `log_metric` call costs ~23 ms: docs/cpu_development.md).
 
 Open the dashboard: `mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`.
 """

@@ -1,9 +1,10 @@
 """One DeepSpeed optimizer step of a tiny CLIP on a large synthetic global batch, cached
 (gradient caching, chunks of `--chunk`) or uncached (the trainer's `train_step`, the whole
 local share as one micro-batch): the per-rank worker behind scripts/gradcache_32k.py,
-benchmarks/bench_memory_32k.py and tests/test_gradcache_ds.py.
+benchmarks/bench_memory_32k.py and tests/test_gradcache_ds.py (which puts benchmarks/ on
+sys.path and imports it as `gradcache_bigbatch`).
 
-    deepspeed --num_gpus 2 --module pretrain.gradcache.bigbatch --global-batch 32768 \
+    deepspeed --num_gpus 2 benchmarks/gradcache_bigbatch.py --global-batch 32768 \
         --chunk 1024 --out /tmp/gc32k [--uncached] [--save-grads] [--zero-stage 2]
 
 Each rank writes `rank<r>.json` (loss, step time, memory); with --save-grads rank 0 also
@@ -25,13 +26,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from pretrain.gradcache import gradcache_step  # noqa: E402
+from pretrain.loss import get_loss  # noqa: E402
+from pretrain.models import create_model  # noqa: E402
+from pretrain.train.distributed import detect_env, finish, init  # noqa: E402
+from pretrain.train.step import train_step  # noqa: E402
 
 BLOCK = 256  # samples per generator block of make_samples
 
@@ -77,8 +89,6 @@ def make_samples(start: int, stop: int, image_size: int, context_length: int, vo
 
 
 def build_model(spec: BigBatchSpec) -> torch.nn.Module:
-    from pretrain.models import create_model
-
     torch.manual_seed(spec.seed)
     model = create_model(spec.model, image_size=spec.image_size, context_length=spec.context_length)
     model.set_grad_checkpointing(spec.grad_checkpointing)
@@ -104,13 +114,6 @@ def run_rank(spec: BigBatchSpec) -> dict[str, Any]:
     """One optimizer step on this rank (process group already up, or a single process).
     Returns the measurements; with `save_grads`, also "grads" (rank 0) and "params" (after
     the step, rank 0)."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
-
-    from pretrain.gradcache.engine import gradcache_step
-    from pretrain.loss import get_loss
-    from pretrain.train.step import train_step
-
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     local = spec.local_batch(world)
     cuda = torch.cuda.is_available()
@@ -165,8 +168,6 @@ def run_rank(spec: BigBatchSpec) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pretrain.train.distributed import detect_env, finish, init
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for rank<r>.json (and grads.pt)")
     p.add_argument("--global-batch", type=int, default=32768)

@@ -12,7 +12,8 @@ the chain rule chunk by chunk with autograd (VJP of the float64 model at the los
 gradients), so the whole batch's activations never coexist either.
 
 Used by scripts/gradcache_32k.py; validated against plain full-batch autograd in
-tests/test_gradcache.py.
+tests/test_gradcache.py (which puts benchmarks/ on sys.path and imports it as
+`gradcache_reference`). Imports nothing of the project.
 """
 
 from __future__ import annotations

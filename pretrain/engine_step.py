@@ -1,0 +1,83 @@
+"""What every optimizer step on a DeepSpeed engine shares: the plain step
+(pretrain/train/step.py) and the gradient-cached step (pretrain/gradcache/engine.py).
+
+    from pretrain.engine_step import finish_step
+    ...forward/backward of the step's micro-batches, engine.step() after all but the last...
+    out = finish_step(engine, finite_loss_sum, finite_count, nonfinite, logit_scale, skipped)
+
+`finish_step` is the step's ending, written once: `engine.step()` at the accumulation
+boundary (DeepSpeed clips the gradients to `gradient_clipping`, applies or skips the
+update, and steps its learning-rate scheduler if it has one; the trainer instead sets the
+step's learning rate before either step, pretrain.train.optim.set_lr), then whether the
+update happened, the global gradient norm before clipping, and the loss and skipped-sample
+counts summed over ranks. The phases are labelled for torch.profiler (`step.optimizer`, `step.stats`).
+
+Imports nothing of the project: it sits below pretrain.gradcache and pretrain.train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.profiler import record_function
+
+
+@dataclass
+class StepOutput:
+    loss: float  # mean finite micro-batch loss over ranks and micro-batches (nan when none)
+    loss_nonfinite: bool  # some rank's loss was NaN/Inf in this step (all ranks agree)
+    applied: bool  # the optimizer update happened
+    grad_norm: float | None  # global gradient norm before clipping (inf/nan when skipped)
+    logit_scale: float  # exp(t) used by the last micro-batch's forward
+    skipped_samples: int  # bad samples the loaders of all ranks skipped for this step
+
+
+def compute_dtype(engine) -> torch.dtype:
+    """The dtype DeepSpeed keeps the module in (inputs are cast to it)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank (an all-reduce MAX; the flag
+    itself outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of `values` over all ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def finish_step(engine, finite_loss_sum: float, finite_count: int, nonfinite: bool, logit_scale: float,
+                skipped: int) -> StepOutput:
+    """The step's ending, after the last micro-batch's backward: the engine's boundary step
+    (clip, then update or skip), then the step's metrics over all ranks: a collective, every
+    rank calls it.
+
+    `finite_loss_sum` / `finite_count`: this rank's finite micro-batch losses and how many;
+    `nonfinite`: the ranks agreed that the step's loss was not finite; `skipped`: bad samples
+    this rank's loader replaced in the step.
+    """
+    with record_function("step.optimizer"):
+        engine.step()
+    with record_function("step.stats"):
+        applied = bool(engine.was_step_applied())
+        norm = engine.get_global_grad_norm()
+        total, n, skipped_all = sum_over_ranks([finite_loss_sum, float(finite_count), float(skipped)],
+                                               engine.device)
+    return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=nonfinite, applied=applied,
+                      grad_norm=float(norm) if norm is not None else None, logit_scale=logit_scale,
+                      skipped_samples=int(skipped_all))
