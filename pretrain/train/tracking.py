@@ -19,6 +19,7 @@
   retries with factor 2, minutes per call), and `close()` waits at most `close_timeout_s` for
   the queue before it gives up. A run that could not be created (server down at start)
   trains without tracking for that attempt; metrics.jsonl in the run dir has them all.
+- MLflow's usage telemetry is off (`MLFLOW_DISABLE_TELEMETRY=true` unless set).
 
 Open the dashboard: `mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`.
 """
@@ -45,8 +46,10 @@ FAILED_CALLS_METRIC = "mlflow/failed_calls"
 _MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 _MAX_PENDING = 200_000  # metrics kept while the server is down (oldest dropped beyond)
 _RETRY_MAX_S = 60.0  # longest pause between attempts while the server is down
-HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# Set unless the environment says otherwise. MLflow >= 3 also sends usage telemetry to its
+# own endpoint by default: a training job inside a cluster sends nothing outside it.
+CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def default_tracking_uri(run_dir: Path, configured: str) -> str:
@@ -96,7 +99,7 @@ class Tracker:
         Returns the run id (None when disabled or the run could not be created)."""
         if not self.enabled:
             return None
-        for key, value in HTTP_BOUNDS.items():
+        for key, value in CLIENT_DEFAULTS.items():
             os.environ.setdefault(key, value)
         id_file = self.run_dir / RUN_ID_FILE
         run_id = run_id or (id_file.read_text().strip() if id_file.is_file() else None)
