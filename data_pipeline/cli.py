@@ -108,6 +108,9 @@ def _resolve(args: argparse.Namespace, rest: list[str]) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
+    from pretrain.redact import install_log_redaction, redact
+
+    install_log_redaction()
     from data_pipeline import pipeline
     from data_pipeline.crawl import CrawlIncompleteError, DistributorUnavailableError
     from data_pipeline.inputs import InputError
@@ -119,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "shard": pipeline.shard, "stats": pipeline.stats}[args.command]
         stage(cfg)
     except (ConfigError, InputError, OutputMismatchError, pipeline.StageOrderError, DistributorUnavailableError) as e:
-        print(f"clip-data {args.command}: error: {e}", file=sys.stderr)
+        print(f"clip-data {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except CrawlIncompleteError as e:
-        print(f"clip-data {args.command}: {e}", file=sys.stderr)
+        print(f"clip-data {args.command}: {redact(str(e))}", file=sys.stderr)
         return 3
     if args.command in ("crawl", "filter", "shard"):
-        print(f"clip-data {args.command}: done ({cfg.output})", flush=True)
+        print(f"clip-data {args.command}: done ({redact(cfg.output)})", flush=True)
     return 0

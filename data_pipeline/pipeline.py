@@ -25,6 +25,7 @@ from data_pipeline.manifest import build_manifest
 from data_pipeline.prepare import PrepareSummary, load_prepared
 from data_pipeline.shard import load_crawl_meta, run_shard
 from data_pipeline.stats import compute_stats, stats_markdown, summary_table
+from pretrain.redact import redact_tree
 
 
 class StageOrderError(RuntimeError):
@@ -40,7 +41,9 @@ def _layout(cfg: BuildConfig) -> Layout:
 def bind(cfg: BuildConfig, with_input: bool) -> Layout:
     """Check/record the dataset this output holds (the URL list's bytes are part of it)."""
     layout = _layout(cfg)
-    identity = dataset_identity(cfg)
+    # Credentials in URLs (a presigned URL list) are no part of what the dataset is (the
+    # list's bytes are, below), and the identity goes into the shared manifest.json.
+    identity = redact_tree(dataset_identity(cfg))
     if with_input:
         files, _ = list_input_files(cfg.urls, cfg.crawl.input_format)
         identity["input_sha256"] = input_fingerprint(files)

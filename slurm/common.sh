@@ -97,9 +97,10 @@ clip__on_usr1() {
 }
 
 clip__on_term() {
-    # scancel, or Slurm's own preemption (which requeues by itself): checkpoint if the
-    # grace time allows, but never requeue from here.
-    clip__log "TERM: forwarding to the tasks"
+    # scancel, Slurm's own preemption (which requeues a --requeue job by itself) or the time
+    # limit: the tasks checkpoint at their next step boundary if KillWait/GraceTime allow and
+    # exit 143 (pretrain/run.py); never requeue from here: a cancelled job stays cancelled.
+    clip__log "TERM: forwarding to the tasks (they checkpoint and exit 143)"
     if [[ -z "${CLIP_SRUN_PID:-}" ]]; then exit 143; fi
     clip__forward TERM
 }
@@ -151,7 +152,9 @@ clip_launch() {
     trap - USR1 TERM
     clip__log "srun exited with status $rc"
     # Requeue only when the warning came AND the trainer confirmed its checkpoint: a run
-    # that finished its last step anyway, or failed, is not started again.
+    # that finished its last step anyway, or failed, is not started again. A SIGTERM that
+    # reached the tasks makes them exit 143 (checkpoint saved, not finished): Slurm owns
+    # what happens next (requeue on preemption, cancel, time limit), so no requeue here.
     if (( CLIP_WARNED )) && (( rc == 0 )) && grep -q "preempted: checkpoint saved at step" "$rank0_log" 2>/dev/null; then
         clip__requeue "checkpoint saved"
     fi

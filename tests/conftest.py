@@ -16,6 +16,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fork-after-use warnings from HF tokenizers
 os.environ.setdefault("WANDB_MODE", "disabled")  # img2dataset imports wandb
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow >= 3 reports usage to its own endpoint
 # DeepSpeed's JIT ops (shm all-reduce, CPU Adam) live with the virtualenv that built them:
 # scripts/setup.sh pre-builds them there, and another checkout sharing ~/.cache cannot
 # rebuild them under a running test (pretrain/train/ds_ops.py says why).

@@ -109,8 +109,10 @@ class _Trainer:
                 while state.step_in_epoch < self.per_epoch and state.step < self.total:
                     if preempt.requested(self.device):
                         self.save()
-                        log.warning("preempted: checkpoint saved at step %d", state.step)
-                        return 0, "KILLED"
+                        # slurm/common.sh greps this line (before the parenthesis) to requeue
+                        log.warning("preempted: checkpoint saved at step %d (%s, exit %d)", state.step,
+                                    preempt.agreed.name, preempt.exit_code)
+                        return preempt.exit_code, "KILLED"
                     self._step(batches)
                     self._after_step()
             finally:
