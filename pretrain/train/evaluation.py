@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pretrain import fs
 from pretrain.config import RunConfig
 from pretrain.train.distributed import barrier
 
@@ -88,8 +89,7 @@ class PeriodicEval:
                 results["retrieval"] = retrieval_eval(model, self.tokenizer, ds, device=engine.device,
                                                       batch_size=e.batch_size)
             results["seconds"] = round(time.perf_counter() - start, 3)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / f"step_{step:08d}.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+            fs.write_text(self.result_path(step), json.dumps(results, indent=1))
             for task in ("zeroshot", "retrieval"):
                 for k, v in results.get(task, {}).items():
                     if isinstance(v, (int, float)):

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from pretrain import fs
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -79,7 +81,7 @@ class Tracker:
             run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
             log.info("mlflow: run %s in experiment %r at %s", run_id, self.experiment, self.uri)
         self.run_id = run_id
-        id_file.write_text(run_id + "\n")
+        fs.write_text(id_file, run_id + "\n")
         changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v[:6000])
         if changed:
             log.warning("mlflow: params changed since the run started, kept at their first values: %s", changed)
