@@ -8,6 +8,7 @@ that refuses to mix two different datasets in one directory.
     OUT/shards/            final webdataset tars 00000.tar ...
     OUT/manifest.json, OUT/stats.json, OUT/stats.md
     OUT/timings/<stage>.json   wall-clock durations (kept out of the manifest: not reproducible)
+    OUT/.lock              held by the build's driver while a stage runs (pretrain.fs.lock_dir)
 """
 from __future__ import annotations
 
@@ -16,10 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_pipeline import fsutil
+from pretrain.fs import LOCK_NAME
 
 
 class OutputMismatchError(ValueError):
     """The output directory already holds a build of a different dataset."""
+
+
+class OutputInUseError(OutputMismatchError):
+    """Another live build holds the output directory."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ def bind_output(layout: Layout, identity: dict[str, Any], config: dict[str, Any]
             fsutil.write_json(layout.build_config, {"identity": identity, "config": config})
         return
     fs, path = fsutil.url_to_fs(layout.root)
-    if fs.exists(path) and fs.ls(path, detail=False):
+    if fs.exists(path) and [p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME]:
         raise OutputMismatchError(
             f"output {layout.root} is not empty and holds no build_config.json: it is not a data "
             "build of this tool. Use an empty or new --output directory."

@@ -1,7 +1,9 @@
 """The data build's stages as functions: crawl -> filter -> shard -> stats, and build (all).
 
-Each stage binds the output directory to this dataset first (a directory holding another
-dataset is a clear error), reuses whatever an earlier (possibly killed) run finished, and
+Each stage takes the output directory's lock first (one build per directory at a time: a
+second one stops with an error naming the holder; local and network-mounted directories only,
+see pretrain.fs), binds it to this dataset (a directory holding another dataset is a clear
+error), reuses whatever an earlier (possibly killed) run finished, and
 records its duration under ``OUT/timings``.
 
     from data_pipeline.config import load_config
@@ -10,9 +12,10 @@ records its duration under ``OUT/timings``.
 """
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig, config_dict, dataset_identity
@@ -20,12 +23,15 @@ from data_pipeline.crawl import CrawlPlan, crawl_tars, plan_crawl, run_crawl, un
 from data_pipeline.crawl_counts import crawl_accounting
 from data_pipeline.filter_run import FilterOutcome, load_filter_outcome, run_filter
 from data_pipeline.inputs import list_input_files
-from data_pipeline.layout import Layout, bind_output, input_fingerprint
+from data_pipeline.layout import Layout, OutputInUseError, bind_output, input_fingerprint
 from data_pipeline.manifest import build_manifest
 from data_pipeline.prepare import PrepareSummary, load_prepared
 from data_pipeline.shard import load_crawl_meta, run_shard
 from data_pipeline.stats import compute_stats, stats_markdown, summary_table
+from pretrain.fs import DirBusyError, lock_dir, unlock_dir
 from pretrain.redact import redact_tree
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class StageOrderError(RuntimeError):
@@ -36,6 +42,24 @@ def _layout(cfg: BuildConfig) -> Layout:
     if not cfg.output:
         raise StageOrderError("no output directory given: pass --output DIR")
     return Layout(cfg.output.rstrip("/"))
+
+
+def owned(stage: F) -> F:
+    """Run ``stage`` holding the output directory's lock (re-entrant: `build` holds it across
+    its stages), so no second build sweeps or overwrites this one's files meanwhile."""
+    @functools.wraps(stage)
+    def run(cfg: BuildConfig, *args: Any, **kwargs: Any) -> Any:
+        root = _layout(cfg).root
+        try:
+            locked = lock_dir(root, f"data build ({stage.__name__})")
+        except DirBusyError as e:
+            raise OutputInUseError(str(e)) from None
+        try:
+            return stage(cfg, *args, **kwargs)
+        finally:
+            if locked:
+                unlock_dir(root)
+    return run  # type: ignore[return-value]
 
 
 def bind(cfg: BuildConfig, with_input: bool) -> Layout:
@@ -62,6 +86,7 @@ def timed(layout: Layout, stage: str) -> Iterator[None]:
     fsutil.write_json(layout.timing(stage), {"seconds": round(time.perf_counter() - t0, 3)})
 
 
+@owned
 def crawl(cfg: BuildConfig) -> None:
     layout = bind(cfg, with_input=True)
     with timed(layout, "crawl"):
@@ -78,6 +103,7 @@ def _finished_crawl(cfg: BuildConfig, layout: Layout) -> tuple[PrepareSummary, C
     return prep, plan
 
 
+@owned
 def filter(cfg: BuildConfig) -> FilterOutcome:  # noqa: A001 - the stage's name
     layout = bind(cfg, with_input=False)
     _, plan = _finished_crawl(cfg, layout)
@@ -85,6 +111,7 @@ def filter(cfg: BuildConfig) -> FilterOutcome:  # noqa: A001 - the stage's name
         return run_filter(cfg, layout, crawl_tars(layout, plan))
 
 
+@owned
 def shard(cfg: BuildConfig) -> dict[str, Any]:
     layout = bind(cfg, with_input=False)
     outcome = load_filter_outcome(layout)
@@ -98,6 +125,7 @@ def shard(cfg: BuildConfig) -> dict[str, Any]:
     return manifest
 
 
+@owned
 def stats(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
     """Re-derive stats.json + stats.md from what the stages left in the output dir."""
     layout = bind(cfg, with_input=False)
@@ -130,6 +158,7 @@ def stats(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
     return result
 
 
+@owned
 def build(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
     crawl(cfg)
     filter(cfg)

@@ -1,27 +1,25 @@
-"""Small fsspec helpers of the filter stage: atomic parquet writes and tar sample reading.
+"""The filter stage's file helpers: parquet and tar sample reading, atomic parquet writes.
 
-Every file is written under a temporary name beside its target and renamed when complete,
-so a reader (or a resumed run) never sees half a file.
+Paths, existence, atomic writes and the temp-file sweeper are the project's one fs module
+(`pretrain.fs`, re-exported here under the names the filter uses): every file is written
+under a temporary name beside its target, fsynced and renamed when complete, so a reader
+(or a resumed run) never sees half a file.
 """
 from __future__ import annotations
 
-import os
 import re
 import tarfile
-import uuid
 from collections.abc import Iterator
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pretrain.fs import atomic_open, exists, join, makedirs  # noqa: F401 - re-exported
+from pretrain.fs import remove_stale_tmp as remove_temporaries  # noqa: F401 - re-exported
+
 # webdataset's rule: the key is the path up to the first dot of the file's base name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
 
 
 def tar_stem(tar: str) -> str:
@@ -30,27 +28,9 @@ def tar_stem(tar: str) -> str:
     return name[:-4] if name.endswith(".tar") else name
 
 
-def exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
-def makedirs(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path, exist_ok=True)
-
-
 def write_parquet_atomic(table: pa.Table, url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-    with fs.open(tmp, "wb") as f:
+    with atomic_open(url, "wb") as f:
         pq.write_table(table, f)
-    if isinstance(fs, LocalFileSystem):
-        os.replace(tmp, path)  # atomic on POSIX
-    else:
-        fs.mv(tmp, path)  # object stores: the object appears complete or not at all
 
 
 def read_parquet(url: str) -> pa.Table:
@@ -93,13 +73,3 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ValueError(f"{url}: unreadable tar ({type(e).__name__}: {e})") from e
 
-
-def remove_temporaries(dir_url: str) -> int:
-    """Delete ``.tmp-*`` files a killed writer left in ``dir_url``; returns how many."""
-    fs, path = fsspec.core.url_to_fs(dir_url)
-    if not fs.exists(path):
-        return 0
-    stale = [p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(".tmp-")]
-    for p in stale:
-        fs.rm(p)
-    return len(stale)

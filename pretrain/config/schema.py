@@ -180,10 +180,15 @@ class CheckpointConfig:
     every_steps: int = 1000  # 0 = only at the end (and on preemption)
     keep_last: int = 3
     resume: bool = True  # continue from the newest complete checkpoint of the run dir
+    # with resume=false: delete an earlier run's checkpoints, metrics, eval results and MLflow
+    # run id from the run dir first (without it such a run dir is refused: two runs would mix)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        _check(not (self.overwrite and self.resume),
+               "checkpoint.overwrite=true deletes the run dir's earlier run: it goes with checkpoint.resume=false")
 
 
 @dataclass

@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from pretrain import fs
+
 
 def flat_metrics(results: Mapping, prefix: str) -> dict[str, float]:
     """Numeric leaves of a nested result dict as ``prefix/a/b`` -> float (lists and text skipped)."""
@@ -38,8 +40,8 @@ def write_results(out_dir: str | Path, stem: str, results: Mapping, markdown: st
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.\-]", "_", stem)
     jp, mp = out / f"{stem}.json", out / f"{stem}.md"
-    jp.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    mp.write_text(markdown, encoding="utf-8")
+    fs.write_text(jp, json.dumps(results, indent=2, default=str) + "\n")  # atomic: old or new, never half
+    fs.write_text(mp, markdown)
     return [jp, mp]
 
 

@@ -3,9 +3,10 @@
 Layout: `<run>/checkpoints/step_00001000/` holds DeepSpeed's `engine.save_checkpoint` files,
 one `rng_rank00000.pt` per rank (python/numpy/torch/cuda RNG states), and `COMPLETE`.
 A tag counts only when `COMPLETE` exists and every file it lists still has the recorded
-size: rank 0 writes it after a barrier that follows every rank's writes, so a save cut
-mid-write (killed job, full disk, truncated copy) is never resumed from. `latest` (the file
-DeepSpeed's own tools read) is updated only after `COMPLETE`.
+size: rank 0 writes it after a barrier that follows every rank's writes and fsyncs, so a save
+cut mid-write (killed job, full disk, truncated copy, power loss) is never resumed from.
+`latest` (the file DeepSpeed's own tools read) is updated only after `COMPLETE`; markers, RNG
+files and `latest` are written atomically (temporary, fsync, rename, directory fsync).
 
     load_model_from_run("runs/a")                  # newest complete tag, fp32, any ZeRO stage
     load_model_from_run("runs/a", tag="step_00000400", device="cuda")
@@ -13,6 +14,7 @@ DeepSpeed's own tools read) is updated only after `COMPLETE`.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain import fs
 from pretrain.train.distributed import barrier, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -103,18 +106,19 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], k
             shutil.rmtree(tag_dir)
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), tag_dir / f"rng_rank{_rank():05d}.pt")
-    barrier()  # every rank's files are written
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    fs.write_bytes(tag_dir / f"rng_rank{_rank():05d}.pt", buf.getvalue())
+    # DeepSpeed does not fsync: each rank flushes the tag (its node's dirty pages on a shared
+    # file system) before COMPLETE may vouch for the files.
+    fs.fsync_tree(tag_dir)
+    barrier()  # every rank's files are written and durable
     if _rank() == 0:
         record = {"step": step, "zero_stage": engine.zero_optimization_stage(),
                   "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                   "files": _files_of(tag_dir)}
-        tmp = tag_dir / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        tmp.replace(tag_dir / MARKER)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(tag, encoding="utf-8")
-        latest_tmp.replace(root / "latest")
+        fs.write_text(tag_dir / MARKER, json.dumps(record, indent=1))  # fsync file + dir, then rename
+        fs.write_text(root / "latest", tag)
         _prune(root, keep_last)
     barrier()
     log.info("checkpoint %s saved", tag_dir)

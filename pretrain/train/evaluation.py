@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
+from pretrain import fs
 from pretrain.config import RunConfig
 from pretrain.eval import load_eval_dataset, retrieval_eval, zeroshot_eval
 from pretrain.train.build import build_model
@@ -83,8 +84,7 @@ class PeriodicEval:
                 results["retrieval"] = retrieval_eval(model, self.tokenizer, ds, device=engine.device,
                                                       batch_size=e.batch_size)
             results["seconds"] = round(time.perf_counter() - start, 3)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / f"step_{step:08d}.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+            fs.write_text(self.result_path(step), json.dumps(results, indent=1))
             for task in ("zeroshot", "retrieval"):
                 for k, v in results.get(task, {}).items():
                     if isinstance(v, (int, float)):

@@ -33,7 +33,7 @@ from pretrain.train.logit_scale import clamp_logit_scale
 from pretrain.train.meter import WindowMeter
 from pretrain.train.optim import lr_at, set_lr
 from pretrain.train.preempt import PreemptionFlag
-from pretrain.train.run_dir import write_run_files
+from pretrain.train.run_dir import claim, trim_metrics, write_run_files
 from pretrain.train.state import TrainState
 from pretrain.train.step import train_step
 from pretrain.train.tracking import Tracker
@@ -54,6 +54,7 @@ def _seed_rank(seed: int, rank: int) -> None:
 def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
     run_dir = Path(cfg.output_dir)
     preempt = PreemptionFlag()  # installed first: a signal during start-up is not lost
+    claim(run_dir, cfg.checkpoint, env.is_main)  # one training per run dir; never two runs mixed
     applied = configure_backends(cfg.train, device)
     if applied:
         log.info("backend settings: %s", applied)
@@ -67,6 +68,8 @@ def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
     resumed = ckpt.resume(engine, run_dir) if cfg.checkpoint.resume else None
     if resumed is not None:
         state = TrainState.from_client_state(resumed, env.world_size, accum, cfg.data.workers)
+    if env.is_main:  # the steps after the checkpoint are trained (and logged) again
+        trim_metrics(run_dir, state.step)
     tracker = Tracker(env.is_main and cfg.logging.mlflow, run_dir, cfg.logging.tracking_uri,
                       cfg.logging.experiment, cfg.logging.run_name)
     state.mlflow_run_id = tracker.start(flatten(cfg), state.mlflow_run_id) or state.mlflow_run_id

@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+from pretrain import fs
 from pretrain.redact import redact
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Tracker:
                 return None
         self.run_id = run_id
         try:
-            id_file.write_text(run_id + "\n")
+            fs.write_text(id_file, run_id + "\n")  # atomic: a kill never leaves half an id
         except OSError as exn:
             log.warning("mlflow: could not write %s: %s", id_file, exn)
         self._thread = threading.Thread(target=self._drain, name="mlflow-logger", daemon=True)
