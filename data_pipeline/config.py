@@ -44,7 +44,11 @@ class CrawlConfig:
     encode_quality: int = field(default=95, metadata=_h("JPEG/WebP quality (PNG: compression 0-9)"))
     max_image_pixels: int = field(default=89_478_485, metadata=_h(
         "decompression-bomb cap: images declaring more pixels are refused before decoding"))
-    timeout: float = field(default=10.0, metadata=_h("seconds per HTTP request"))
+    timeout: float = field(default=10.0, metadata=_h("seconds per socket operation of an HTTP request"))
+    download_deadline: float = field(default=60.0, metadata=_h(
+        "seconds one connection (one download, or one redirect hop) may take in all; slower: cut"))
+    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_h(
+        "largest response body the crawl accepts, in bytes; larger: refused (Content-Length) or cut"))
     retries: int = field(default=0, metadata=_h("extra download attempts per URL"))
     thread_count: int = field(default=64, metadata=_h("download threads per process"))
     number_sample_per_shard: int = field(default=10_000, metadata=_h("URLs per crawl tar"))
@@ -59,13 +63,26 @@ class CrawlConfig:
         "crawl URLs on loopback/private/link-local hosts (off: refused and counted)"))
     allowed_networks: list[str] = field(default_factory=list, metadata=_h(
         "CIDR networks exempt from the private-address refusal, e.g. [127.0.0.1/32]"))
+    egress_bind: str = field(default="127.0.0.1", metadata=_h(
+        "address the crawl's egress proxy listens on (0.0.0.0: Spark/Ray workers on other machines)"))
+    egress_port: int = field(default=0, metadata=_h("port of the egress proxy (0: a free one)"))
+    egress_advertise: str | None = field(default=None, metadata=_h(
+        "address workers reach the egress proxy at (null: egress_bind)"))
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "thread_count", "number_sample_per_shard", "max_image_pixels", "subjob_size"):
+        for name in ("image_size", "thread_count", "number_sample_per_shard", "max_image_pixels", "subjob_size",
+                     "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"crawl.{name} must be >= 1")
         if self.timeout <= 0 or self.retries < 0:
             raise ValueError("crawl.timeout must be > 0 and crawl.retries >= 0")
+        if self.download_deadline <= 0:
+            raise ValueError("crawl.download_deadline must be > 0")
+        if not 0 <= self.egress_port <= 65535:
+            raise ValueError("crawl.egress_port must be in 0..65535")
+        if self.egress_bind in ("0.0.0.0", "::", "") and not self.egress_advertise:
+            raise ValueError(f"crawl.egress_bind={self.egress_bind!r} listens everywhere: set crawl.egress_advertise "
+                             "to the address the crawl workers reach this machine at")
 
 
 @dataclass
@@ -103,6 +120,7 @@ class BuildConfig:
 _NOT_IDENTITY = {
     "output", "processes",
     "crawl.thread_count", "crawl.distributor", "crawl.subjob_size", "crawl.max_shard_retry",
+    "crawl.egress_bind", "crawl.egress_port", "crawl.egress_advertise",
     "filter.clip_score.batch_size", "filter.clip_score.device",
 }
 

@@ -8,23 +8,53 @@ status/error_message into counted reasons (:mod:`data_pipeline.crawl_counts`).
 
     summary = run_crawl(cfg, layout)
 
+Every fetch goes through the crawl's egress proxy (:mod:`data_pipeline.egress`), started
+for the duration of ``img2dataset.download``: the address policy of the URL check
+(:mod:`data_pipeline.safety`) is enforced again at connect time for every connection and
+redirect hop, unresolvable names are refused, bodies are capped and each connection has
+an overall deadline. Its counts by reason are saved in ``OUT/crawl/egress.json`` (summed
+over reruns) and reported by the stats stage. Config keys (``crawl.`` section):
+
+  download_deadline  seconds one connection (one download or redirect hop) may take in
+                     all (default 60); ``timeout`` stays the per-socket-operation limit
+  max_body_bytes     largest response body accepted (default 32 MiB)
+  egress_bind        address the proxy listens on (default 127.0.0.1)
+  egress_port        its port (default 0: a free one)
+  egress_advertise   address workers use to reach it (default: egress_bind)
+
 Distributors: ``multiprocessing`` (default, this machine), ``pyspark`` (img2dataset uses
 the active SparkSession, or starts ``local[processes]``) and ``ray`` (the connected Ray
-cluster). The decompression-bomb cap reaches the workers through the environment variable
-``OPENCV_IO_MAX_IMAGE_PIXELS``: local workers inherit it; on a Spark cluster set
-``spark.executorEnv.OPENCV_IO_MAX_IMAGE_PIXELS`` in the session (Ray: ``runtime_env``).
+cluster). The workers' environment (the proxy variables ``http_proxy``/``https_proxy``/
+``ftp_proxy`` with ``no_proxy`` cleared, ``NO_ALBUMENTATIONS_UPDATE=1`` and the
+decompression-bomb cap ``OPENCV_IO_MAX_IMAGE_PIXELS``) reaches them as follows:
+multiprocessing children and a SparkSession that img2dataset starts inherit this
+process's environment; an active SparkSession gets it in ``SparkContext.environment``,
+which pyspark ships with every task to the Python workers (local mode and clusters
+alike); Ray tasks get it as ``runtime_env={"env_vars": ...}``. On a cluster whose
+executors run on other machines, bind the proxy where they can reach it
+(``crawl.egress_bind=0.0.0.0 crawl.egress_advertise=<this host's address>``, a firewall
+letting only the executors in); all their traffic then passes through this machine. A
+user who sets ``spark.executorEnv.http_proxy`` etc. themselves is overridden for the
+crawl's tasks, never bypassed.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
+from data_pipeline.egress import EgressProxy
 from data_pipeline.layout import Layout
-from data_pipeline.prepare import PrepareSummary, prepare_inputs
+from data_pipeline.prepare import PrepareSummary, address_policy, prepare_inputs
+from data_pipeline.safety import AddressPolicy, Resolver, resolve_host
+
+EGRESS_COUNTS = "egress.json"
 
 
 class CrawlIncompleteError(RuntimeError):
@@ -60,15 +90,84 @@ def unfinished_shards(layout: Layout, plan: CrawlPlan) -> list[int]:
     ]
 
 
-def _img2dataset_env(cfg: BuildConfig) -> None:
-    """Environment the crawl processes inherit (spawned children, Spark workers)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    # OpenCV reads this at load time: a PNG/JPEG declaring more pixels is refused before
-    # its pixels are allocated (a decompression bomb), instead of using GBs per thread.
-    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.crawl.max_image_pixels)
+def worker_env(cfg: BuildConfig, proxy: EgressProxy) -> dict[str, str]:
+    """What every crawl worker must run with, whatever the distributor."""
+    return {
+        "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations phones home at import
+        # OpenCV reads this at load time: a PNG/JPEG declaring more pixels is refused before
+        # its pixels are allocated (a decompression bomb), instead of using GBs per thread.
+        "OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.crawl.max_image_pixels),
+        **proxy.worker_env(cfg.crawl.egress_advertise),
+    }
+
+
+@contextmanager
+def _patched(mapping: dict[str, str | None], env: dict[str, str]) -> Iterator[None]:
+    saved = {k: mapping.get(k) for k in env}
+    mapping.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                mapping.pop(k, None)
+            else:
+                mapping[k] = v
+
+
+@contextmanager
+def _spark_env(env: dict[str, str]) -> Iterator[None]:
+    """An active session's executors get ``env`` with every task (pyspark ships
+    ``SparkContext.environment`` with each Python function); without one, img2dataset starts
+    a local session, which inherits this process's environment."""
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        yield
+        return
+    with _patched(spark.sparkContext.environment, env):
+        yield
+
+
+@contextmanager
+def _ray_env(env: dict[str, str]) -> Iterator[None]:
+    """img2dataset submits its module-level remote function; give it a runtime_env."""
+    from img2dataset import distributor
+
+    original = distributor.ray_download
+    distributor.ray_download = original.options(runtime_env={"env_vars": env})
+    try:
+        yield
+    finally:
+        distributor.ray_download = original
+
+
+@contextmanager
+def crawl_environment(cfg: BuildConfig, proxy: EgressProxy) -> Iterator[dict[str, str]]:
+    """The worker environment in place for the duration of the crawl (restored after)."""
+    env = worker_env(cfg, proxy)
+    with ExitStack() as stack:
+        stack.enter_context(_patched(os.environ, {  # type: ignore[arg-type]
+            **env, **{k: os.environ.get(k, v) for k, v in (
+                ("WANDB_MODE", "disabled"), ("WANDB_SILENT", "true"), ("PYSPARK_PYTHON", sys.executable))}}))
+        if cfg.crawl.distributor == "pyspark":
+            stack.enter_context(_spark_env(env))
+        elif cfg.crawl.distributor == "ray":
+            stack.enter_context(_ray_env(env))
+        yield env
+
+
+def load_egress_counts(layout: Layout) -> dict[str, int]:
+    """The egress proxy's counts by reason, summed over the crawl runs of this output."""
+    path = fsutil.join(layout.crawl_dir, EGRESS_COUNTS)
+    return dict(fsutil.read_json(path)["counts"]) if fsutil.exists(path) else {}
+
+
+def _save_egress_counts(layout: Layout, counts: dict[str, int]) -> None:
+    total = Counter(load_egress_counts(layout))
+    total.update(counts)
+    fsutil.write_json(fsutil.join(layout.crawl_dir, EGRESS_COUNTS), {"counts": dict(sorted(total.items()))})
 
 
 class DistributorUnavailableError(RuntimeError):
@@ -87,14 +186,28 @@ def _check_distributor(name: str) -> None:
             f"crawl.distributor={name} needs the {module} package: pip install {module}") from e
 
 
-def download(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: int) -> None:
-    """One img2dataset.download call over ``OUT/input`` (incremental: resumes)."""
+def download(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: int,
+             policy: AddressPolicy | None = None, resolver: Resolver = resolve_host) -> dict[str, int]:
+    """One img2dataset.download call over ``OUT/input`` (incremental: resumes), every fetch
+    through the egress proxy; returns the proxy's counts (also added to ``egress.json``)."""
     _check_distributor(cfg.crawl.distributor)
-    _img2dataset_env(cfg)
-    import img2dataset  # after the environment above: it imports albumentations and cv2
-
     c = cfg.crawl
     extra = _extra_columns(layout)
+    proxy = EgressProxy(policy or address_policy(cfg), resolver=resolver, max_body_bytes=c.max_body_bytes,
+                        deadline=c.download_deadline, host=c.egress_bind, port=c.egress_port)
+    with proxy, crawl_environment(cfg, proxy):
+        _run_img2dataset(cfg, layout, processes, oom_shard_count, extra)
+    counts = proxy.counts()
+    fsutil.makedirs(layout.crawl_dir)
+    _save_egress_counts(layout, counts)
+    return counts
+
+
+def _run_img2dataset(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: int,
+                     extra: list[str]) -> None:
+    import img2dataset  # inside the crawl environment: it imports cv2 (reads the pixel cap)
+
+    c = cfg.crawl
     img2dataset.download(
         url_list=layout.input_dir,
         input_format="parquet",
@@ -141,13 +254,18 @@ class CrawlSummary:
     prepare: PrepareSummary
     plan: CrawlPlan
     tars: list[str]
+    egress: dict[str, int] = field(default_factory=dict)  # this run's proxy counts
 
 
-def run_crawl(cfg: BuildConfig, layout: Layout) -> CrawlSummary:
-    prep = prepare_inputs(cfg, layout)
+def run_crawl(cfg: BuildConfig, layout: Layout, resolver: Resolver = resolve_host) -> CrawlSummary:
+    """Prepare + crawl. ``resolver`` (host, port) -> addresses is used by the URL check and
+    the egress proxy alike (tests give one that answers like a rebinding DNS server)."""
+    policy = address_policy(cfg)
+    prep = prepare_inputs(cfg, layout, policy=policy, resolver=resolver)
     plan = plan_crawl(prep, cfg.crawl.number_sample_per_shard)
+    egress: dict[str, int] = {}
     if plan.shard_ids and unfinished_shards(layout, plan):
-        download(cfg, layout, cfg.resolved_processes(), plan.oom_shard_count)
+        egress = download(cfg, layout, cfg.resolved_processes(), plan.oom_shard_count, policy, resolver)
     missing = unfinished_shards(layout, plan)
     if missing:
         names = ", ".join(plan.name(i) for i in missing[:10])
@@ -155,4 +273,4 @@ def run_crawl(cfg: BuildConfig, layout: Layout) -> CrawlSummary:
             f"{len(missing)} crawl shard(s) did not finish ({names}{', ...' if len(missing) > 10 else ''}); "
             "rerun the same command to retry them (finished shards are kept)."
         )
-    return CrawlSummary(prep, plan, crawl_tars(layout, plan))
+    return CrawlSummary(prep, plan, crawl_tars(layout, plan), egress)

@@ -11,7 +11,19 @@ Reasons (``stage/reason``):
   decode/undecodable         not an image, truncated   decode/empty_body  zero-byte response
   decode/decompression_bomb  more pixels than crawl.max_image_pixels
   decode/error               anything else while decoding/resizing
+  download/truncated         the body ended before its declared length (a cut connection)
   crawl/lost                 a URL handed to img2dataset with no outcome row (never expected)
+
+Refusals and failures of the egress proxy (:mod:`data_pipeline.egress`) arrive as the
+reason phrase of its answer (``HTTP Error 403: safety/redirect_to_private``, ``Tunnel
+connection failed: 403 safety/private_address``) and are counted under that reason:
+``safety/private_address``, ``safety/redirect_to_private``, ``safety/redirect_bad_scheme``,
+``safety/bad_scheme``, ``safety/unresolvable``, ``safety/body_too_large``,
+``safety/deadline``, ``safety/bad_request``, ``download/connection_error``,
+``download/bad_response``. Only those exact reasons are trusted (the proxy replaces an
+origin's own reason phrase, so a server cannot fake one). A body cut after its answer
+started shows here as ``download/truncated`` (or a TLS error); the proxy's own counts in
+``stats.json`` say why it was cut.
 """
 from __future__ import annotations
 
@@ -21,10 +33,14 @@ from collections import Counter
 import pyarrow.parquet as pq
 
 from data_pipeline import fsutil
+from data_pipeline.egress import REASONS as EGRESS_REASONS
 from data_pipeline.layout import Layout
 
 LOST = "crawl/lost"
 _HTTP = re.compile(r"HTTP Error \d{3}")
+# urllib's texts for an answer from the proxy: "HTTP Error 403: <reason>" (plain HTTP) and
+# "Tunnel connection failed: 403 <reason>" (https): the reason is the whole phrase.
+_PROXY = re.compile(r"(?:HTTP Error \d{3}: |Tunnel connection failed: \d{3} )([a-z]+/[a-z_]+)(?![\w/])")
 
 
 def classify(status: str | None, error: str | None) -> str | None:
@@ -41,8 +57,13 @@ def classify(status: str | None, error: str | None) -> str | None:
         if "image decoding error" in low:
             return "decode/undecodable"
         return "decode/error"
+    proxy = _PROXY.search(msg)
+    if proxy is not None and proxy.group(1) in EGRESS_REASONS:
+        return proxy.group(1)
     if "x-robots-tag" in low:
         return "download/opt_out"
+    if "incompleteread" in low:
+        return "download/truncated"
     if _HTTP.search(msg):
         return "download/http_error"
     if "timed out" in low or "timeout" in low:

@@ -21,7 +21,7 @@ from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
 from data_pipeline.inputs import list_input_files, read_url_table
 from data_pipeline.layout import Layout
-from data_pipeline.safety import UrlGuard
+from data_pipeline.safety import AddressPolicy, Resolver, UrlGuard, resolve_host
 
 MISSING_URL = "input/missing_url"
 
@@ -51,10 +51,16 @@ def _prepare_one(table: pa.Table, first_row: int, guard: UrlGuard, bar: tqdm) ->
     return table.take(pa.array(keep, pa.int64())), counts
 
 
-def prepare_inputs(cfg: BuildConfig, layout: Layout) -> PrepareSummary:
+def address_policy(cfg: BuildConfig) -> AddressPolicy:
+    """The crawl's one address policy: the URL check here and the egress proxy use it."""
+    return AddressPolicy(cfg.crawl.allow_private_addresses, cfg.crawl.allowed_networks)
+
+
+def prepare_inputs(cfg: BuildConfig, layout: Layout, policy: AddressPolicy | None = None,
+                   resolver: Resolver = resolve_host) -> PrepareSummary:
     c = cfg.crawl
     files, fmt = list_input_files(cfg.urls, c.input_format)
-    guard = UrlGuard(c.allow_private_addresses, c.allowed_networks)
+    guard = UrlGuard(resolver=resolver, policy=policy or address_policy(cfg))
     fsutil.makedirs(layout.input_dir)
     fsutil.remove_stale_tmp(layout.input_dir)
     summary = PrepareSummary()

@@ -2,9 +2,13 @@
 
 Counts per stage and reason for every URL of the list (they add up: rows in = kept +
 rejected, any gap is reported as ``unaccounted``), caption-length and image-size
-histograms of the kept samples, and the stage durations.
+histograms of the kept samples, and the stage durations. ``egress`` holds the crawl's
+egress proxy counts (:mod:`data_pipeline.egress`): per connection, so a URL whose
+redirect was refused counts once there per hop, and a body cut mid-way (counted per URL
+as ``download/truncated``) shows there with its cause (``safety/body_too_large``,
+``safety/deadline``).
 
-    stats = compute_stats(rows_in, counts, kept, meta, shards, timings)
+    stats = compute_stats(rows_in, counts, kept, meta, shards, timings, egress)
     print(summary_table(stats)); write_text(path, stats_markdown(stats))
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ def compute_stats(
     meta: dict[tuple[str, str], dict[str, Any]],
     shards: list[dict[str, Any]],
     timings: dict[str, float],
+    egress: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     by_stage: Counter[str] = Counter()
     for reason, n in counts.items():
@@ -64,6 +69,7 @@ def compute_stats(
             "stored_shorter_side": histogram(stored_side, SIDE_EDGES),
         },
         "timings_s": {k: round(float(v), 3) for k, v in sorted(timings.items())},
+        "egress": dict(sorted((k, int(v)) for k, v in (egress or {}).items())),
     }
 
 
@@ -76,6 +82,8 @@ def _rows(stats: dict[str, Any]) -> list[tuple[str, str, str]]:
     if stats["unaccounted"]:
         rows.append(("ERROR", "unaccounted", str(stats["unaccounted"])))
     rows.append(("output", "shards", f"{stats['num_shards']} ({stats['total_samples']} samples)"))
+    for reason, n in stats.get("egress", {}).items():
+        rows.append(("egress", reason, str(n)))
     for stage, secs in stats["timings_s"].items():
         rows.append(("time", stage, f"{secs:.1f} s"))
     return rows

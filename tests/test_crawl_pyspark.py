@@ -63,6 +63,10 @@ def test_pyspark_distributor_crawls_and_counts(spark, tmp_path: Path) -> None:
         if c.expected == cases.KEPT or (c.expected in wanted and c.expected not in seen):
             picked.append(c)
             seen.add(c.expected)
+    # Executors fetch through the crawl's egress proxy (the session existed before the crawl
+    # set its environment): a redirect to the private side is refused at connect time.
+    site.behaviours["/to_private.jpg"] = cases.Behaviour(status=302, headers={"Location": "http://127.0.0.2:9/x.jpg"})
+    picked.append(cases.Case("to_private.jpg", b"a plain photo of a garment on a table", "safety/redirect_to_private"))
     site.cases = picked
     with ImageServer(site.root, behaviours=site.behaviours) as srv:
         site.url_table(srv.base_url).to_parquet(tmp_path / "urls.parquet")
@@ -75,8 +79,8 @@ def test_pyspark_distributor_crawls_and_counts(spark, tmp_path: Path) -> None:
         pipeline.crawl(cfg)
     layout = Layout(cfg.output)
     prep = load_prepared(layout)
-    assert prep.rows == len(picked) == 11 and prep.counts == {"safety/private_address": 1}
-    names = [f"{i:05d}" for i in range(3)]  # 10 crawlable URLs, 4 per crawl shard
+    assert prep.rows == len(picked) == 12 and prep.counts == {"safety/private_address": 1}
+    names = [f"{i:05d}" for i in range(3)]  # 11 crawlable URLs, 4 per crawl shard
     assert sorted(p.name for p in (tmp_path / "out" / "crawl").glob("*.tar")) == [n + ".tar" for n in names]
     counts, successes = crawl_accounting(layout, names, sum(prep.passed))
     expected = {k: v for k, v in site.expected_counts().items() if k not in (cases.KEPT, "safety/private_address")}
