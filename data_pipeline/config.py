@@ -20,6 +20,7 @@ from typing import Any, Literal
 from data_pipeline import fsutil
 from data_pipeline.filter import FilterConfig
 from pretrain.config.engine import ConfigError, deep_merge, from_dict, read_config_file, set_dotted, to_dict
+from pretrain.shards.images import MAX_PIXELS
 
 DEFAULT_OPT_OUTS = ["noai", "noimageai", "noindex", "noimageindex"]
 
@@ -42,7 +43,7 @@ class CrawlConfig:
     resize_only_if_bigger: bool = field(default=True, metadata=_h("never upscale small images"))
     encode_format: Literal["jpg", "png", "webp"] = field(default="jpg", metadata=_h("image format in the crawl tars"))
     encode_quality: int = field(default=95, metadata=_h("JPEG/WebP quality (PNG: compression 0-9)"))
-    max_image_pixels: int = field(default=89_478_485, metadata=_h(
+    max_image_pixels: int = field(default=MAX_PIXELS, metadata=_h(
         "decompression-bomb cap: images declaring more pixels are refused before decoding"))
     timeout: float = field(default=10.0, metadata=_h("seconds per socket operation of an HTTP request"))
     download_deadline: float = field(default=60.0, metadata=_h(
