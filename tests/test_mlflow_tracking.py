@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
