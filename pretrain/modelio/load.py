@@ -44,12 +44,14 @@ TORCHSCRIPT_FLAG = "--allow-torchscript-code"
 
 
 def deepspeed_globals() -> list[Any]:
-    """The non-tensor classes DeepSpeed pickles into ZeRO optimizer-state files (bf16 and fp32)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    """The non-tensor classes DeepSpeed pickles into ZeRO optimizer-state files: found in real
+    bf16 and fp32 ZeRO-1/2/3 saves; DynamicLossScaler is what an fp16 run stores in its place
+    (ZeRO's state_dict keeps the loss-scaler object), read from DeepSpeed's source."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 @contextlib.contextmanager
