@@ -18,8 +18,8 @@ import torch
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+    from pretrain.modelio import load_model_from_run  # weights-only: a poisoned run dir is refused
     from pretrain.models import to_openai_state_dict
-    from pretrain.train.checkpoint import load_model_from_run
 
     model = load_model_from_run(run_dir, tag=tag, device="cpu")
     sd = {k: v.detach().float().contiguous() if v.is_floating_point() else v

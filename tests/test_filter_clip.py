@@ -68,21 +68,25 @@ def test_clip_score_matches_independent_cosine_and_threshold(tmp_path):
     np.testing.assert_allclose(dec["clip_score"].to_numpy(), ref, atol=1e-5)  # rejected ones scored too
 
 
-def test_run_dir_checkpoint_goes_through_load_model_from_run(tmp_path, monkeypatch):
-    import pretrain.train.checkpoint as ckpt
+def test_run_dir_checkpoint_goes_through_the_weights_only_loader(tmp_path):
+    """A run dir is read by pretrain.modelio (complete tag, weights-only), in eval mode."""
+    import json
+
     from data_pipeline.filter.clip_score import load_checkpoint_model
 
+    torch.manual_seed(0)
     model = models.create_model("ViT-tiny", image_size=32)
-    seen = {}
-
-    def fake_load(run_dir, tag=None, device="cpu"):
-        seen.update(run_dir=run_dir, tag=tag, device=device)
-        return model
-
-    monkeypatch.setattr(ckpt, "load_model_from_run", fake_load)
-    assert load_checkpoint_model(str(tmp_path), "step_00000010") is model
-    assert seen == {"run_dir": str(tmp_path), "tag": "step_00000010", "device": "cpu"}
-    assert not model.training
+    tag_dir = tmp_path / "checkpoints" / "step_00000010"
+    tag_dir.mkdir(parents=True)
+    (tmp_path / "run_config.yaml").write_text("model: {name: ViT-tiny, overrides: {image_size: 32}}\n")
+    torch.save({"module": model.state_dict()}, tag_dir / "mp_rank_00_model_states.pt")
+    files = {"mp_rank_00_model_states.pt": (tag_dir / "mp_rank_00_model_states.pt").stat().st_size}
+    (tag_dir / "COMPLETE").write_text(json.dumps({"step": 10, "zero_stage": 0, "files": files}))
+    loaded = load_checkpoint_model(str(tmp_path), "step_00000010")
+    assert not loaded.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="missing or incomplete"):
+        load_checkpoint_model(str(tmp_path), "step_00000020")
     with pytest.raises(FileNotFoundError, match="no such"):
         load_checkpoint_model(str(tmp_path / "nothing.pt"))
 

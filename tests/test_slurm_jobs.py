@@ -24,7 +24,7 @@ import torch
 from shard_factory import make_caption_shards
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
-from pretrain.train.checkpoint import complete_tags, consolidated_state_dict
+from pretrain.modelio import complete_tags, consolidated_state_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

@@ -121,7 +121,7 @@ def test_eval_runs_on_gathered_zero3_parameters(rn_zero3_bf16):
     consolidated fp32 checkpoint agrees (up to the bf16 rounding of the working copy)."""
     from pretrain.eval import load_eval_dataset, zeroshot_eval
     from pretrain.tokenizer import default_tokenizer
-    from pretrain.train.checkpoint import load_model_from_run
+    from pretrain.modelio import load_model_from_run
 
     result = json.loads((rn_zero3_bf16.run_dir / "eval" / "step_00000032.json").read_text())
     zs, rt = result["zeroshot"], result["retrieval"]

@@ -180,7 +180,7 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def checkpoint_params(run_dir: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    from pretrain.train.checkpoint import consolidated_state_dict
+    from pretrain.modelio import consolidated_state_dict
 
     return consolidated_state_dict(run_dir, tag)
 

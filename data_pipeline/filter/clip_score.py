@@ -1,8 +1,8 @@
 """Image-text cosine similarity with a checkpoint of this project, batched (optional rule).
 
-The checkpoint is either an OpenAI-layout state-dict file (``torch.save(sd, path)``,
-loaded with ``pretrain.models.from_openai_state_dict``) or a training run directory
-(``pretrain.train.checkpoint.load_model_from_run``). Torch and the model code are imported
+The checkpoint is either an OpenAI-layout state-dict file (``torch.save(sd, path)``) or a
+training run directory, both read weights-only by ``pretrain.modelio.load_model`` (a
+TorchScript archive only with ``clip_score.allow_torchscript_code``). Torch and the model code are imported
 only when the rule is switched on, so the filter runs without them otherwise.
 
     scorer = ClipScorer.from_config(cfg.clip_score)
@@ -24,26 +24,21 @@ CLIP_SCORE = "filter/clip_score"
 _CACHE: dict[tuple[str, str, str], "ClipScorer"] = {}
 
 
-def load_checkpoint_model(checkpoint: str, tag: str = "", device: str = "cpu") -> Any:
-    """The CLIP model of a state-dict file or a run directory, in eval mode on ``device``."""
-    import torch
+def load_checkpoint_model(checkpoint: str, tag: str = "", device: str = "cpu",
+                          allow_torchscript: bool = False) -> Any:
+    """The CLIP model of a state-dict file (local or fsspec URL) or a run directory, in eval
+    mode on ``device``, read weights-only by pretrain.modelio."""
+    from pretrain.modelio import TorchScriptRefused, load_model
 
-    if os.path.isdir(checkpoint):
-        from pretrain.train.checkpoint import load_model_from_run  # built by the trainer
-
-        model = load_model_from_run(checkpoint, tag=tag or None, device=device)
-    else:
-        from pretrain.models import from_openai_state_dict
-
+    if not os.path.isdir(checkpoint):
         fs, path = fsspec.core.url_to_fs(checkpoint)
         if not fs.isfile(path):
             raise FileNotFoundError(f"clip_score.checkpoint: no such state-dict file or run directory: {checkpoint}")
-        with fs.open(path, "rb") as f:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-        model = from_openai_state_dict(sd)
-    return model.to(device).eval()
+    try:
+        return load_model(checkpoint, tag=tag or None, device=device, allow_torchscript=allow_torchscript)
+    except TorchScriptRefused as e:
+        raise TorchScriptRefused(f"clip_score.checkpoint: {e}; set clip_score.allow_torchscript_code=true "
+                                 "to accept it") from e
 
 
 class ClipScorer:
@@ -68,7 +63,7 @@ class ClipScorer:
         if key not in _CACHE:
             from pretrain.tokenizer import default_tokenizer
 
-            model = load_checkpoint_model(cfg.checkpoint, cfg.tag, device)
+            model = load_checkpoint_model(cfg.checkpoint, cfg.tag, device, cfg.allow_torchscript_code)
             _CACHE[key] = cls(model, default_tokenizer(), device, cfg.batch_size)
         scorer = _CACHE[key]
         scorer.batch_size = cfg.batch_size

@@ -83,6 +83,9 @@ class ClipScoreConfig:
     enabled: bool = False
     # An OpenAI-layout state dict file (torch.save) or a training run directory.
     checkpoint: str = ""
+    # Accept a TorchScript archive as `checkpoint` (OpenAI's released .pt): loading one RUNS
+    # the code it contains; only for files you trust.
+    allow_torchscript_code: bool = False
     # Checkpoint tag inside a run dir; "" = the latest complete one. Name a tag (or use a
     # file) for a resumable build: a per-shard record is reused while the settings match.
     tag: str = ""
@@ -155,7 +158,7 @@ def pass1_fingerprint(cfg: FilterConfig, entries: list[str]) -> str:
         "caption": dataclasses.asdict(cfg.caption),
         # batch size and device do not change a score (beyond float noise): not in the hash
         "clip_score": (
-            {k: v for k, v in dataclasses.asdict(cfg.clip_score).items() if k not in ("batch_size", "device")}
+            {k: v for k, v in dataclasses.asdict(cfg.clip_score).items() if k not in ("batch_size", "device", "allow_torchscript_code")}
             if cfg.clip_score.enabled else None
         ),
         "entries": entries if cfg.balance.enabled else None,

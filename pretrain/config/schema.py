@@ -31,12 +31,14 @@ class ModelConfig:
     `init_from`: weights to start a fresh run from (a training run dir, whose newest complete
     checkpoint is consolidated, or an OpenAI-layout `.pt` file); the image positional
     embedding is interpolated to this model's image size. Ignored when the run resumes from
-    its own checkpoint (pretrain/train/init_from.py)."""
+    its own checkpoint (pretrain/train/init_from.py). `init_from_allow_torchscript_code`:
+    accept a TorchScript archive there (OpenAI's released `.pt`); loading one runs its code."""
 
     name: str = "RN-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
     init_from: str = ""
+    init_from_allow_torchscript_code: bool = False
 
     def __post_init__(self) -> None:
         from pretrain.models import OVERRIDE_KEYS, list_models  # lazy: config must import fast

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=TASKS)
     p.add_argument("--checkpoint", required=True, help="training run dir or OpenAI-layout .pt file")
     p.add_argument("--tag", default=None, help="checkpoint tag inside a run dir (default: latest complete)")
+    p.add_argument("--allow-torchscript-code", action="store_true",
+                   help="accept a TorchScript archive as --checkpoint (e.g. OpenAI's released .pt): "
+                        "loading it RUNS the code it contains; only for files you trust")
     p.add_argument("--dataset", required=True, help="KIND:VALUE eval set (test side for probes)")
     p.add_argument("--split", default="test")
     p.add_argument("--train-dataset", default=None, help="probe training set (default: --dataset)")
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     from pretrain.eval.report import write_results
 
     device = _device(args.device)
-    model, fp = load_checkpoint(args.checkpoint, device=device, tag=args.tag, image_size=args.image_size, act=args.act)
+    model, fp = load_checkpoint(args.checkpoint, device=device, tag=args.tag, image_size=args.image_size, act=args.act,
+                                allow_torchscript=args.allow_torchscript_code)
     cache = None if args.no_cache else FeatureCache(args.cache_dir or cache_dir() / "eval_features")
     ctx = tasks.EvalContext(model, _tokenizer(args.tokenizer), device=device, batch_size=args.batch_size,
                             num_workers=args.num_workers, cache=cache, checkpoint_fp=fp, progress=not args.quiet)

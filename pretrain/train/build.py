@@ -31,7 +31,8 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, **cfg.model.overrides)
     if cfg.model.init_from and not will_resume(cfg):
-        init_model_from(model, cfg.model.init_from)  # before initialize: ZeRO-3 partitions there
+        # before initialize: ZeRO-3 partitions there
+        init_model_from(model, cfg.model.init_from, allow_torchscript=cfg.model.init_from_allow_torchscript_code)
     # Non-reentrant checkpointing on both towers (reentrant drops the gradient of a tower
     # whose input does not require grad: docs/models.md, parity rules).
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)

@@ -1,4 +1,4 @@
-"""Checkpoints of a run dir: complete-only tags, auto-resume, retention, consolidated weights.
+"""Checkpoints of a run dir: save (complete-only tags), auto-resume, retention.
 
 Layout: `<run>/checkpoints/step_00001000/` holds DeepSpeed's `engine.save_checkpoint` files,
 one `rng_rank00000.pt` per rank (python/numpy/torch/cuda RNG states), and `COMPLETE`.
@@ -8,8 +8,11 @@ cut mid-write (killed job, full disk, truncated copy, power loss) is never resum
 `latest` (the file DeepSpeed's own tools read) is updated only after `COMPLETE`; markers, RNG
 files and `latest` are written atomically (temporary, fsync, rename, directory fsync).
 
-    load_model_from_run("runs/a")                  # newest complete tag, fp32, any ZeRO stage
-    load_model_from_run("runs/a", tag="step_00000400", device="cuda")
+Offline readers (complete tags, consolidated weights) live in pretrain.modelio; this
+module keeps save and resume. Resume reads every file weights-only.
+
+    tag = save(engine, "runs/a", step=1000, client_state={...}, keep_last=3)
+    client_state = resume(engine, "runs/a")
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import io
 import json
 import logging
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,17 +30,11 @@ import torch
 import torch.distributed as dist
 
 from pretrain import fs
+from pretrain.modelio.load import deepspeed_globals, weights_only
+from pretrain.modelio.tags import CHECKPOINT_DIR, MARKER, TAG_RE as _TAG_RE, complete_tags, read_marker, tag_for
 from pretrain.train.distributed import barrier, broadcast_object
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-MARKER = "COMPLETE"
-_TAG_RE = re.compile(r"^step_(\d{8,})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def _rank() -> int:
@@ -50,31 +46,15 @@ def _files_of(tag_dir: Path) -> dict[str, int]:
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
-def read_marker(tag_dir: Path) -> dict[str, Any] | None:
-    """The COMPLETE record of a tag, or None when the tag is incomplete or damaged."""
-    marker = tag_dir / MARKER
-    if not marker.is_file():
-        return None
+def rng_globals() -> list:
+    """What an RNG file needs beyond tensors: numpy's legacy state is an ndarray of uint32
+    (pickled via numpy's `_reconstruct`, under `numpy.core` by numpy 1, `numpy._core` by 2)."""
     try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    for name, size in record.get("files", {}).items():
-        path = tag_dir / name
-        if not path.is_file() or path.stat().st_size != size:
-            log.warning("checkpoint %s: %s is missing or has the wrong size; the tag is not used", tag_dir.name, name)
-            return None
-    return record
-
-
-def complete_tags(run_dir: str | Path) -> list[str]:
-    """Complete tags of a run dir, oldest first."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    tags = sorted((int(m.group(1)), p.name) for p in root.iterdir()
-                  if p.is_dir() and (m := _TAG_RE.match(p.name)))
-    return [name for _, name in tags if read_marker(root / name) is not None]
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct,
+            (_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
 def rng_state() -> dict[str, Any]:
@@ -146,48 +126,17 @@ def resume(engine, run_dir: str | Path) -> dict[str, Any] | None:
     if tag is None:
         return None
     root = Path(run_dir) / CHECKPOINT_DIR
-    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+    # DeepSpeed torch.loads with weights_only=False: forced to weights-only here
+    with weights_only(deepspeed_globals()):
+        path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     rng_file = root / tag / f"rng_rank{_rank():05d}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        with weights_only(rng_globals()):
+            set_rng_state(torch.load(rng_file, weights_only=True))
     else:  # a resume at a larger world size: no saved RNG state for this rank
         log.warning("no RNG state for rank %d in %s; keeping the fresh seed", _rank(), tag)
     log.info("resumed from %s", root / tag)
     return dict(client_state or {}, tag=tag)
-
-
-def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 module state dict of a complete tag (newest when None), whatever the ZeRO stage."""
-    run_dir = Path(run_dir)
-    tags = complete_tags(run_dir)
-    if tag is None:
-        if not tags:
-            raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINT_DIR}/")
-        tag = tags[-1]
-    elif tag not in tags:
-        raise FileNotFoundError(f"checkpoint {tag} of {run_dir} is missing or incomplete; complete: {tags}")
-    root = run_dir / CHECKPOINT_DIR
-    record = read_marker(root / tag) or {}
-    if record.get("zero_stage", 0) >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    else:  # ZeRO-0 has no shards: the module is stored whole
-        sd = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-def load_model_from_run(run_dir: str | Path, tag: str | None = None, device: str | torch.device = "cpu"):
-    """The run's model (`run_config.yaml`: model.name + model.overrides) with consolidated
-    fp32 weights from a complete checkpoint."""
-    import yaml
-
-    from pretrain.models import create_model
-
-    cfg = yaml.safe_load((Path(run_dir) / "run_config.yaml").read_text(encoding="utf-8"))
-    model = create_model(cfg["model"]["name"], **(cfg["model"].get("overrides") or {}))
-    model.load_state_dict(consolidated_state_dict(run_dir, tag))
-    return model.to(device).eval()

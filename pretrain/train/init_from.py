@@ -19,36 +19,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.modelio import (TorchScriptRefused, UnsafeCheckpointError, consolidated_state_dict, is_run_dir,
+                              load_state_dict_file)
+
 log = logging.getLogger(__name__)
 
 
-def load_source_state_dict(source: str | Path) -> dict[str, Any]:
-    """The weights `source` names: a run dir (consolidated fp32, any ZeRO stage) or a file."""
-    from pretrain.train.checkpoint import consolidated_state_dict
-
+def load_source_state_dict(source: str | Path, allow_torchscript: bool = False) -> dict[str, Any]:
+    """The weights `source` names: a run dir (consolidated fp32, any ZeRO stage) or a file,
+    read weights-only by pretrain.modelio (a TorchScript file only with `allow_torchscript`)."""
     path = Path(source)
-    if path.is_dir():
-        if not (path / "run_config.yaml").is_file() and not (path / "checkpoints").is_dir():
-            raise ValueError(f"model.init_from={source}: a directory must be a training run dir "
-                             "(run_config.yaml + checkpoints/)")
-        return consolidated_state_dict(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.init_from={source}: no such run dir or weights file")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError:
-        # OpenAI's released .pt files are TorchScript archives, which torch.load refuses
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-    if not isinstance(sd, dict):
-        raise ValueError(f"model.init_from={source}: expected a state dict, got {type(sd).__name__}")
-    return sd
+        if path.is_dir():
+            if not is_run_dir(path):
+                raise ValueError("a directory must be a training run dir (run_config.yaml + checkpoints/)")
+            return consolidated_state_dict(path)
+        if not path.is_file():
+            raise FileNotFoundError("no such run dir or weights file")
+        return load_state_dict_file(path, allow_torchscript=allow_torchscript)
+    except TorchScriptRefused as e:
+        raise TorchScriptRefused(f"model.init_from={source}: {e}; set model.init_from_allow_torchscript_code=true "
+                                 "to accept it") from e
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"model.init_from={source}: {e}") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model.init_from={source}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"model.init_from={source}: {e}") from e
 
 
-def init_model_from(model: nn.Module, source: str | Path) -> None:
+def init_model_from(model: nn.Module, source: str | Path, allow_torchscript: bool = False) -> None:
     """Copy the weights of `source` into `model` in place (positional embedding resized)."""
     from pretrain.models import from_openai_state_dict
 
-    loaded = from_openai_state_dict(load_source_state_dict(source), image_size=model.image_size)
+    loaded = from_openai_state_dict(load_source_state_dict(source, allow_torchscript), image_size=model.image_size)
     src, dst = loaded.state_dict(), model.state_dict()
     # a SigLIP run may start from CLIP weights: its fresh logit_bias is kept
     optional = {"logit_bias"} - set(src)
