@@ -94,12 +94,14 @@ def runs(tmp_path_factory):
     out["c_tags"] = tags(run_dir)
     out["c_mlflow"] = mlflow_id(run_dir)
     # 4. D: resume=false on the finished run
-    out["D"] = launch(run_dir, overrides(data, 2, 1, ["--checkpoint.resume=false"]), nprocs=2, timeout=180)
+    out["D"] = launch(run_dir, overrides(data, 2, 1, ["--checkpoint.resume=false", "--schedule.warmup_steps=1"]),
+                      nprocs=2, timeout=180)
     out["d_tags"] = tags(run_dir)
     out["d_metrics"] = [r["step"] for r in metric_lines(run_dir)]
     out["d_mlflow"] = mlflow_id(run_dir)
     # 5. E: resume=false with overwrite=true
-    out["E"] = launch(run_dir, overrides(data, 2, 1, ["--checkpoint.resume=false", "--checkpoint.overwrite=true"]),
+    out["E"] = launch(run_dir, overrides(data, 2, 1, ["--checkpoint.resume=false", "--checkpoint.overwrite=true",
+                                                  "--schedule.warmup_steps=1"]),
                       nprocs=1)
     return out
 
