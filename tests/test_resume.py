@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from train_driver import (caption_data, checkpoint_params, finish, launch, max_abs_diff, metrics, rank_pids, start,
-                          tiny_overrides)
+from train_driver import (caption_data, checkpoint_params, finish, launch, max_abs_diff, metrics, rank_pids,
+                          read_until, start, tiny_overrides)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -41,20 +41,6 @@ def overrides(data, every: int) -> list[str]:
              "--eval.templates=['a photo of a {}.']", f"--eval.retrieval_dataset=captions:{data.val_pattern}",
              "--logging.experiment=resume-test"]
     return tiny_overrides(data, model="RN-tiny", stage=2, precision="fp32", steps=STEPS, extra=extra)
-
-
-def read_until(proc, pattern: str, timeout: float = 240) -> tuple[str, re.Match]:
-    """Consume the launcher's output until a line matches `pattern`; return (text, match)."""
-    text, deadline = "", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"launcher ended before {pattern!r}:\n{text[-4000:]}")
-        text += line
-        m = re.search(pattern, line)
-        if m:
-            return text, m
-    raise AssertionError(f"no {pattern!r} within {timeout} s:\n{text[-4000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from dist_harness import run_distributed
-from train_driver import base_config, caption_data, finish, launch, rank_pids, start, tiny_overrides
+from train_driver import base_config, caption_data, finish, launch, rank_pids, read_until, start, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -38,18 +38,6 @@ def overrides(data, steps: int, every: int, extra: list[str] | None = None) -> l
     return tiny_overrides(data, model="RN-tiny", stage=1, precision="fp32", steps=steps, micro_batch=8,
                           extra=[f"--checkpoint.every_steps={every}", "--checkpoint.keep_last=3",
                                  "--logging.experiment=run-dir-test", *(extra or [])])
-
-
-def read_until(proc, pattern: str, timeout: float = 240) -> str:
-    text, deadline = "", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"launcher ended before {pattern!r}:\n{text[-4000:]}")
-        text += line
-        if pattern in line:
-            return text
-    raise AssertionError(f"no {pattern!r} within {timeout} s:\n{text[-4000:]}")
 
 
 def tags(run_dir: Path) -> list[str]:
@@ -73,7 +61,7 @@ def runs(tmp_path_factory):
     out = {"run_dir": run_dir}
     # 1. A, frozen mid-run: it still holds the run dir
     a, t0 = start(run_dir, overrides(data, 8, 4), nprocs=1), time.monotonic()
-    text = read_until(a, "step 6/8 ")
+    text, _ = read_until(a, "step 6/8 ")
     pid = rank_pids(a)[0]
     os.killpg(a.pid, signal.SIGSTOP)
     try:

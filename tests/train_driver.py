@@ -13,6 +13,7 @@ ranks mid-run (`rank_pids`).
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -189,3 +190,17 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys=No
     keys = keys if keys is not None else a.keys()
     assert set(keys) <= set(b), sorted(set(keys) - set(b))[:5]
     return max(float((a[k].detach().float() - b[k].detach().float()).abs().max()) for k in keys)
+
+
+def read_until(proc, pattern: str, timeout: float = 240) -> tuple[str, re.Match]:
+    """Consume the launcher's output until a line matches `pattern`; return (text, match)."""
+    text, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"launcher ended before {pattern!r}:\n{text[-4000:]}")
+        text += line
+        m = re.search(pattern, line)
+        if m:
+            return text, m
+    raise AssertionError(f"no {pattern!r} within {timeout} s:\n{text[-4000:]}")
