@@ -105,7 +105,7 @@ def _group_members(pgid: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_sigterm_to_the_process_group_of_a_deepspeed_launch_checkpoints_and_resumes(tmp_path):
-    from test_resume import read_until
+    from train_driver import read_until
     from train_driver import caption_data, finish, launch, metrics, start, tiny_overrides
 
     steps = 10

@@ -25,7 +25,7 @@ import pytest
 from mlflow import MlflowClient
 from shard_factory import make_caption_shards
 from test_mlflow_tracking import SECRETS, MlflowServer, _assert_clean
-from test_resume import read_until
+from train_driver import read_until
 from train_driver import REPO, _env, finish, metrics, tiny_overrides
 
 from data_pipeline.serve import ImageServer
