@@ -39,10 +39,12 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from pretrain.config import RunConfig, from_dict  # noqa: E402
 from pretrain.gradcache import gradcache_step  # noqa: E402
 from pretrain.loss import get_loss  # noqa: E402
 from pretrain.models import create_model  # noqa: E402
 from pretrain.train.distributed import detect_env, finish, init  # noqa: E402
+from pretrain.train.ds_config import build_ds_config  # noqa: E402
 from pretrain.train.step import train_step  # noqa: E402
 
 BLOCK = 256  # samples per generator block of make_samples
@@ -95,12 +97,24 @@ def build_model(spec: BigBatchSpec) -> torch.nn.Module:
     return model.train()
 
 
-def ds_config(spec: BigBatchSpec, world: int) -> dict[str, Any]:
+def run_config(spec: BigBatchSpec, world: int) -> RunConfig:
+    """The spec as a run config, so the DeepSpeed JSON comes from the trainer's one builder:
+    one optimizer step over the global batch, micro-batch = chunk (cached) or the whole local
+    share (uncached), fp32, no clipping (the update stays linear in the gradient)."""
     local = spec.local_batch(world)
     micro = spec.chunk if spec.cached else local
-    return {"train_batch_size": spec.global_batch, "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": local // micro, "zero_optimization": {"stage": spec.zero_stage},
-            "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
+    return from_dict(RunConfig, {
+        "output_dir": "unused",  # the benchmark writes no run dir
+        "model": {"name": spec.model},
+        "data": {"sources": ["unused.tar"], "samples_per_epoch": spec.global_batch},  # synthetic samples
+        "schedule": {"warmup_steps": 0},
+        "train": {"global_batch": spec.global_batch, "micro_batch": micro, "max_steps": 1,
+                  "zero_stage": spec.zero_stage, "precision": "fp32", "grad_clip": 0.0,
+                  "loss": spec.loss, "grad_cache": spec.cached, "seed": spec.seed}})
+
+
+def ds_config(spec: BigBatchSpec, world: int) -> dict[str, Any]:
+    return build_ds_config(run_config(spec, world), world)
 
 
 def _status_bytes(field: str) -> int:
