@@ -13,7 +13,9 @@ Used by tests/test_data_build_full.py and benchmarks/bench_build.py.
 from __future__ import annotations
 
 import io
+import json
 import struct
+import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -214,3 +216,53 @@ def make_site(root: Path, n_good: int = 16) -> Site:
 # Dedup reasons of the filter stage (data_pipeline.filter.global_pass).
 DUP_SHA256 = "filter/duplicate_image"
 DUP_NEAR = "filter/near_duplicate"
+
+
+def check_distributor_crawl(tmp_path: Path, distributor: str, n_good: int, wanted: set[str]) -> None:
+    """A real crawl through img2dataset's `distributor` (whose workers the test started
+    before the crawl set its environment) of the good samples, one case of each `wanted`
+    failure kind and a redirect to the private side, checked end to end: the prepare-time
+    refusals, the shards, the counts by reason and the stored captions. Only the crawl's
+    egress proxy counts `safety/redirect_to_private`: a worker that bypassed it would follow
+    the redirect itself and fail as a download error instead."""
+    from data_pipeline import pipeline
+    from data_pipeline.config import load_config
+    from data_pipeline.crawl_counts import crawl_accounting
+    from data_pipeline.layout import Layout
+    from data_pipeline.prepare import load_prepared
+    from data_pipeline.serve import ImageServer
+
+    site = make_site(tmp_path / "site", n_good=n_good)
+    picked, seen = [], set()
+    for c in site.cases:
+        if c.expected == KEPT or (c.expected in wanted and c.expected not in seen):
+            picked.append(c)
+            seen.add(c.expected)
+    site.behaviours["/to_private.jpg"] = Behaviour(status=302, headers={"Location": "http://127.0.0.2:9/x.jpg"})
+    picked.append(Case("to_private.jpg", b"a plain photo of a garment on a table", "safety/redirect_to_private"))
+    site.cases = picked
+    shard = 4
+    with ImageServer(site.root, behaviours=site.behaviours) as srv:
+        site.url_table(srv.base_url).to_parquet(tmp_path / "urls.parquet")
+        cfg = load_config(None, [
+            ("urls", str(tmp_path / "urls.parquet")), ("output", str(tmp_path / "out")),
+            ("processes", 2), ("crawl.distributor", distributor), ("crawl.thread_count", 4),
+            ("crawl.number_sample_per_shard", shard), ("crawl.timeout", TIMEOUT_S),
+            ("crawl.allowed_networks", ["127.0.0.1/32"]),
+        ])
+        pipeline.crawl(cfg)
+    layout = Layout(cfg.output)
+    prep = load_prepared(layout)
+    at_prepare = {k: v for k, v in site.expected_counts().items() if k == "safety/private_address"}
+    assert prep.rows == len(picked) and prep.counts == at_prepare
+    crawlable = len(picked) - sum(at_prepare.values())
+    names = [f"{i:05d}" for i in range(-(-crawlable // shard))]
+    assert sorted(p.name for p in (tmp_path / "out" / "crawl").glob("*.tar")) == [n + ".tar" for n in names]
+    counts, successes = crawl_accounting(layout, names, sum(prep.passed))
+    expected = {k: v for k, v in site.expected_counts().items() if k != KEPT and k not in at_prepare}
+    assert counts == expected and successes == n_good
+    captions = []
+    for n in names:
+        with tarfile.open(tmp_path / "out" / "crawl" / f"{n}.tar") as tf:
+            captions += [json.loads(tf.extractfile(m).read())["caption"] for m in tf if m.name.endswith(".json")]
+    assert sorted(captions) == sorted(c.caption.decode() for c in picked if c.expected == KEPT)
