@@ -32,22 +32,36 @@ class ModelConfig:
     checkpoint is consolidated, or an OpenAI-layout `.pt` file); the image positional
     embedding is interpolated to this model's image size. Ignored when the run resumes from
     its own checkpoint (pretrain/train/init_from.py). `init_from_allow_torchscript_code`:
-    accept a TorchScript archive there (OpenAI's released `.pt`); loading one runs its code."""
+    accept a TorchScript archive there (OpenAI's released `.pt`); loading one runs its code.
+
+    Speed switches (pretrain/models/speed.py, docs/speed.md): `compile` ("none" | "blocks":
+    torch.compile each residual block / ResNet bottleneck), `channels_last` (ResNets),
+    `ln_fp32` (false: LayerNorm in the activations' own dtype), `patch_dropout` (ViTs,
+    FLIP rate in [0, 1), training only)."""
 
     name: str = "RN-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
     init_from: str = ""
     init_from_allow_torchscript_code: bool = False
+    compile: str = "none"
+    channels_last: bool = False
+    ln_fp32: bool = True
+    patch_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         from pretrain.models import OVERRIDE_KEYS, list_models  # lazy: config must import fast
+        from pretrain.models.speed import COMPILE_MODES
 
         _check(self.name in list_models(), f"model.name {self.name!r} is not in the model zoo; choose one of {list_models()}")
         unknown = sorted(set(self.overrides) - set(OVERRIDE_KEYS))
         _check(not unknown, f"model.overrides has unknown key(s) {unknown}; valid: {list(OVERRIDE_KEYS)}")
         _check("grad_checkpointing" not in self.overrides,
                "set model.grad_checkpointing, not model.overrides.grad_checkpointing")
+        _check(self.compile in COMPILE_MODES, f"model.compile must be one of {COMPILE_MODES} (got {self.compile!r})")
+        _check(not self.channels_last or not self.is_vit, "model.channels_last applies to ResNet models only")
+        _check(0.0 <= self.patch_dropout < 1.0, f"model.patch_dropout must be in [0, 1) (got {self.patch_dropout})")
+        _check(self.patch_dropout == 0.0 or self.is_vit, "model.patch_dropout applies to ViT models only")
 
     @property
     def is_vit(self) -> bool:

@@ -40,12 +40,23 @@ def make_activation(name: str) -> nn.Module:
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back, so fp16/bf16 weights or inputs keep
-    the statistics exact (the mean/variance of wide rows loses precision in half types)."""
+    the statistics exact (the mean/variance of wide rows loses precision in half types).
+
+    An fp32 input with fp32 weights goes straight to ``F.layer_norm`` (no casts). With
+    ``fp32 = False`` (run config ``model.ln_fp32: false``) a half-type input is normalised
+    in its own dtype: no fp32 copy of the activations (CUDA's kernel still accumulates the
+    statistics in fp32, but the output rounds differently from the exact path)."""
+
+    fp32: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        y = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        native = x.dtype == torch.float32 or not self.fp32
+        if native and (self.weight is None or self.weight.dtype == x.dtype):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        dtype = x.dtype if native else torch.float32
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        y = F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
         return y.to(x.dtype)
 
 
@@ -67,6 +78,8 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
         qkv = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D)
+        # no mask tensor: the vision tower attends fully, the text tower uses is_causal, so
+        # SDPA may pick the flash / memory-efficient kernels (a dense mask rules flash out)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         y = y.transpose(1, 2).reshape(b, n, w)  # (B, N, W)
         return self.out_proj(y)

@@ -125,6 +125,7 @@ class ModifiedResNet(nn.Module):
             raise ValueError(f"ResNet image size must be a multiple of 32, got {input_resolution}")
         self.input_resolution, self.output_dim = input_resolution, output_dim
         self.grad_checkpointing = False
+        self.channels_last = False  # model.channels_last: NHWC activations (cuDNN's fast layout)
         # stem: three 3x3 convs, only the first strided, then a 2x2 average pool
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
@@ -177,7 +178,10 @@ class ModifiedResNet(nn.Module):
         if x.shape[-2:] != (self.input_resolution, self.input_resolution):
             raise ValueError(f"expected {self.input_resolution}px images, got "
                              f"{tuple(x.shape[-2:])}")
-        x = self.stem(x.to(self.conv1.weight.dtype))  # (B, W, H/4, W/4)
+        x = x.to(self.conv1.weight.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)  # (B, W, H/4, W/4)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         for stage in self.stages():
             x = run_checkpointed(_CheckpointedStage(stage), x) if checkpointing else stage(x)

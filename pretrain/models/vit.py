@@ -1,7 +1,7 @@
 """CLIP's Vision Transformer image tower (arXiv 2103.00020; docs/models.md).
 
 conv patchify (no bias) -> [class token; patches] + learned positional embedding ->
-ln_pre -> pre-norm transformer -> ln_post on the class token -> ``@ proj``.
+[training only, optional: FLIP patch dropout] -> ln_pre -> pre-norm transformer -> ln_post on the class token -> ``@ proj``.
 Keys match OpenAI's layout under ``visual.``.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .layers import LayerNorm, Transformer, init_scale
+from .patch_dropout import drop_patches, kept_patches
 
 
 class VisionTransformer(nn.Module):
@@ -29,6 +30,16 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, layers, heads, act=act)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self._patch_dropout = 0.0  # FLIP rate (model.patch_dropout), training only
+
+    @property
+    def patch_dropout(self) -> float:
+        return self._patch_dropout
+
+    @patch_dropout.setter
+    def patch_dropout(self, rate: float) -> None:
+        kept_patches(1, rate)  # validates the rate
+        self._patch_dropout = float(rate)
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -46,5 +57,7 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, g*g+1, W)
+        if self.training and self._patch_dropout:
+            x = drop_patches(x, self._patch_dropout)  # after the positions are added (FLIP)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj  # (B, output_dim)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from pretrain.config import RunConfig
 from pretrain.models import create_model
+from pretrain.models.speed import apply_speed_switches
 from pretrain.train.checkpoint import complete_tags
 from pretrain.train.distributed import broadcast_object, release_shm_workspace
 from pretrain.train.ds_config import build_ds_config, guards_nonfinite_in_optimizer, uses_cpu_adam
@@ -36,7 +37,9 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     # Non-reentrant checkpointing on both towers (reentrant drops the gradient of a tower
     # whose input does not require grad: docs/models.md, parity rules).
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model
+    m = cfg.model
+    return apply_speed_switches(model, compile=m.compile, channels_last=m.channels_last,
+                                ln_fp32=m.ln_fp32, patch_dropout=m.patch_dropout)
 
 
 def will_resume(cfg: RunConfig) -> bool:
