@@ -144,6 +144,7 @@ class TrainConfig:
     seed: int = 0
     cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest conv algorithm per (fixed) shape
     tf32: bool = False  # CUDA: fp32 matmuls in TF32 (faster; the fp32 loss loses exactness)
+    prefetch_to_device: bool = False  # CUDA: copy the next micro-batch on a side stream during the step
     dist_timeout_s: int = 1800  # collective timeout; a dead peer fails the job after at most this
     max_consecutive_nonfinite: int = 5  # this many skipped steps in a row stop the run
     logit_scale_max: float = 100.0  # exp(t) is clamped to this after every step
