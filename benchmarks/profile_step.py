@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/profile_step.py --model RN50 --ckpt
     .venv/bin/python benchmarks/profile_step.py --dry-run                # CPU, ViT-tiny: checks the script
         [--batch 256] [--micro-batch N] [--warmup 3] [--steps 5] [--precision bf16] [--top 25]
+        [--fast] [--override KEY=VALUE ...]   # fastest step switches; run-config overrides (model.*)
 
 Same set-up as gpu_bench.py's throughput rows (`gpu_bench.build_bench`: run config, backend
 settings, DeepSpeed ZeRO-1 engine, `train_step`, synthetic inputs on the device), in this
