@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/profile_step.py --model RN50 --ckpt
     .venv/bin/python benchmarks/profile_step.py --dry-run                # CPU, ViT-tiny: checks the script
         [--batch 256] [--micro-batch N] [--warmup 3] [--steps 5] [--precision bf16] [--top 25]
+        [--fast] [--override KEY=VALUE ...]   # fastest step switches; run-config overrides (model.*)
 
 Same set-up as gpu_bench.py's throughput rows (`gpu_bench.build_bench`: run config, backend
 settings, DeepSpeed ZeRO-1 engine, `train_step`, synthetic inputs on the device), in this
@@ -97,6 +98,11 @@ def top_rows(prof: Any, cuda: bool, top: int, steps: int) -> list[list[Any]]:
     return [[e.key[:80], e.count // steps, f"{e.self_cpu_time_total / 1e3 / steps:.2f}"] for e in events[:top]]
 
 
+# The trainer-step switches of the fastest configuration (pretrain/train/README.md); the
+# model-side ones (model.*) are given with --override.
+FAST_OVERRIDES = ["optimizer.kernel=fused", "train.cudnn_benchmark=true"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, ViT-tiny, batch 8: checks the script")
@@ -110,6 +116,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="profiled steps")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out-dir", default="/tmp/profile_step")
+    ap.add_argument("--fast", action="store_true",
+                    help=f"the fastest trainer-step switches on: {' '.join(FAST_OVERRIDES)}")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="run-config override passed through (repeatable), e.g. model.compile=blocks")
     args = ap.parse_args()
 
     import torch  # noqa: PLC0415
@@ -122,6 +132,8 @@ def main() -> None:
     batch = args.batch or (8 if dry else 256)
     spec = {"model": model, "ckpt": args.ckpt, "precision": args.precision or ("fp32" if dry else "bf16"),
             "micro_batch": args.micro_batch or batch, "global_batch": batch, "out_dir": args.out_dir}
+    overrides = (FAST_OVERRIDES if args.fast else []) + [o.removeprefix("--") for o in args.override]
+    spec["extra"] = [f"--{o}" for o in overrides]
     b = build_bench(spec)
     cuda = b.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -143,6 +155,7 @@ def main() -> None:
     print(machine_line("cuda" if cuda else "cpu") + (" (DRY RUN: tiny model)" if dry else ""))
     print(f"# {model}, batch {batch} (micro-batch {spec['micro_batch']}), {spec['precision']}, "
           f"grad ckpt {'on' if args.ckpt else 'off'}, ZeRO-1, {args.warmup} warm-up + {args.steps} profiled steps")
+    print(f"# overrides: {' '.join(overrides) or 'none'}")
     line = f"wall {wall_ms:.1f} ms/step ({batch / wall_ms * 1e3:.1f} samples/s under the profiler)"
     if cuda:
         busy = device_busy_us(prof) / 1e3 / args.steps

@@ -61,23 +61,49 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def finish_step(engine, finite_loss_sum: float, finite_count: int, nonfinite: bool, logit_scale: float,
-                skipped: int) -> StepOutput:
+def any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
+    """`any_rank` kept on the device: a bool tensor, true on every rank when it is true on
+    any rank (an all-reduce MAX), with no read-back to the host."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = flag.to(torch.float32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0] > 0
+
+
+def finish_step(engine, finite_loss_sum: float | torch.Tensor, finite_count: int | torch.Tensor,
+                nonfinite: bool | torch.Tensor, logit_scale: float | torch.Tensor, skipped: int) -> StepOutput:
     """The step's ending, after the last micro-batch's backward: the engine's boundary step
     (clip, then update or skip), then the step's metrics over all ranks: a collective, every
     rank calls it.
 
     `finite_loss_sum` / `finite_count`: this rank's finite micro-batch losses and how many;
     `nonfinite`: the ranks agreed that the step's loss was not finite; `skipped`: bad samples
-    this rank's loader replaced in the step.
+    this rank's loader replaced in the step. Each may be a host number or a 0-d device
+    tensor: the metrics (and the gradient norm when the engine keeps it as a tensor) are
+    gathered into one tensor and read back to the host once, in a single transfer.
     """
     with record_function("step.optimizer"):
         engine.step()
     with record_function("step.stats"):
         applied = bool(engine.was_step_applied())
         norm = engine.get_global_grad_norm()
-        total, n, skipped_all = sum_over_ranks([finite_loss_sum, float(finite_count), float(skipped)],
-                                               engine.device)
-    return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=nonfinite, applied=applied,
-                      grad_norm=float(norm) if norm is not None else None, logit_scale=logit_scale,
+        device = engine.device
+
+        def dev(x) -> torch.Tensor:
+            return torch.as_tensor(x, device=device).to(torch.float64).reshape(())
+
+        summed = torch.stack([dev(finite_loss_sum), dev(finite_count), dev(float(skipped))])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(summed)
+        local = [dev(nonfinite), dev(logit_scale)]
+        norm_on_device = isinstance(norm, torch.Tensor)
+        if norm_on_device:
+            local.append(dev(norm.detach()))
+        values = torch.cat([summed, torch.stack(local)]).tolist()  # the step's one read-back
+    total, n, skipped_all, bad, scale = values[:5]
+    if norm_on_device:
+        norm = values[5]
+    return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=bool(bad), applied=applied,
+                      grad_norm=float(norm) if norm is not None else None, logit_scale=scale,
                       skipped_samples=int(skipped_all))

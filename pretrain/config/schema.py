@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+ADAMW_KERNELS = ("default", "foreach", "fused")
 OPTIMIZER_IMPLS = ("auto", "torch", "cpu_adam")
 
 
@@ -111,6 +112,9 @@ class OptimizerConfig:
     eps: float | None = None
     weight_decay: float = 0.2
     impl: str = "auto"  # auto: DeepSpeedCPUAdam with optimizer offload, torch AdamW otherwise
+    # torch AdamW's kernel: "default" (torch's own choice: a per-tensor loop on CPU, foreach
+    # on CUDA), "foreach" (multi-tensor kernels) or "fused" (one fused kernel per group)
+    kernel: str = "default"
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optimizer.lr must be > 0")
@@ -119,6 +123,8 @@ class OptimizerConfig:
         _check(self.eps is None or self.eps > 0, "optimizer.eps must be > 0")
         _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
         _check(self.impl in OPTIMIZER_IMPLS, f"optimizer.impl must be one of {OPTIMIZER_IMPLS} (got {self.impl!r})")
+        _check(self.kernel in ADAMW_KERNELS,
+               f"optimizer.kernel must be one of {ADAMW_KERNELS} (got {self.kernel!r})")
 
 
 @dataclass
@@ -152,6 +158,7 @@ class TrainConfig:
     seed: int = 0
     cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest conv algorithm per (fixed) shape
     tf32: bool = False  # CUDA: fp32 matmuls in TF32 (faster; the fp32 loss loses exactness)
+    prefetch_to_device: bool = False  # CUDA: copy the next micro-batch on a side stream during the step
     dist_timeout_s: int = 1800  # collective timeout; a dead peer fails the job after at most this
     max_consecutive_nonfinite: int = 5  # this many skipped steps in a row stop the run
     logit_scale_max: float = 100.0  # exp(t) is clamped to this after every step

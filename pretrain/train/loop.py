@@ -32,10 +32,11 @@ from pretrain.train.evaluation import PeriodicEval
 from pretrain.train.logit_scale import clamp_logit_scale
 from pretrain.train.meter import WindowMeter
 from pretrain.train.optim import lr_at, set_lr
+from pretrain.train.prefetch import DevicePrefetcher
 from pretrain.train.preempt import PreemptionFlag
 from pretrain.train.run_dir import claim, trim_metrics, write_run_files
 from pretrain.train.state import TrainState
-from pretrain.train.step import train_step
+from pretrain.train.step import compute_dtype, train_step
 from pretrain.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class _Trainer:
                  state.step + 1, self.total, self.total, self.per_epoch, self.accum, self.env.world_size)
         while state.step < self.total:
             batches = iter(self._loader())
+            if self.cfg.train.prefetch_to_device:  # a pass-through on CPU
+                batches = DevicePrefetcher(batches, self.device, compute_dtype(self.engine))
             try:
                 while state.step_in_epoch < self.per_epoch and state.step < self.total:
                     if preempt.requested(self.device):

@@ -83,14 +83,25 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def kernel_options(kernel: str) -> dict[str, bool]:
+    """torch AdamW's keyword for `optimizer.kernel`: {} keeps torch's own choice."""
+    if kernel == "foreach":
+        return {"foreach": True}
+    if kernel == "fused":
+        return {"fused": True}
+    return {}
+
+
 def build_optimizer(model: nn.Module, cfg: RunConfig, *, cpu_adam: bool, guard: bool) -> torch.optim.Optimizer:
-    """The client optimizer handed to `deepspeed.initialize`."""
+    """The client optimizer handed to `deepspeed.initialize`. The parameter groups are built
+    once here; `optimizer.kernel` picks torch AdamW's multi-tensor or fused kernel."""
     hp = adam_hparams(cfg)
     groups = param_groups(model, hp.pop("weight_decay"))
     if cpu_adam:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds its op on first use
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **hp)
+    hp.update(kernel_options(cfg.optimizer.kernel))
     if guard:
         return SkipNonFiniteAdamW(groups, max_grad_norm=cfg.train.grad_clip, **hp)
     return torch.optim.AdamW(groups, **hp)

@@ -4,9 +4,12 @@
 step's `gradient_accumulation_steps` micro-batches and lets the engine step at the
 boundary. Non-finite values are handled the same way at every ZeRO stage and precision:
 
-- before each backward the "loss is finite" flag is all-reduced (MAX of "bad"), so every
-  rank knows when any rank's loss is NaN/Inf; then every rank backpropagates a NaN-scaled
-  loss, which makes all gradients NaN on all ranks;
+- before each backward the "loss is finite" flag is all-reduced on the device (MAX of
+  "bad"), so every rank knows when any rank's loss is NaN/Inf; then every rank
+  backpropagates a NaN-scaled loss, which makes all gradients NaN on all ranks;
+- the loss, the flag and the logit scale stay on the device: the step reads nothing back
+  to the host until `finish_step`, which reads the step's figures back in one transfer (the
+  engine's own overflow check under ZeRO-1/2/3 reads back its gradient norm as well);
 - DeepSpeed's ZeRO-1/2/3 optimizers (all precisions) skip a step whose global gradient norm
   is not finite, and `SkipNonFiniteAdamW` does it for ZeRO-0 fp32; a gradient that turns
   non-finite with a finite loss is caught by the same check;
@@ -25,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.profiler import record_function
 
-from pretrain.engine_step import StepOutput, any_rank, compute_dtype, finish_step
+from pretrain.engine_step import StepOutput, any_rank_tensor, compute_dtype, finish_step
 
 __all__ = ["StepOutput", "compute_dtype", "train_step"]
 
@@ -42,7 +45,13 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
     if len(micro_batches) != accum:
         raise ValueError(f"train_step got {len(micro_batches)} micro-batches; the engine accumulates {accum}")
     device, dtype = engine.device, compute_dtype(engine)
-    finite_sum, finite_n, any_bad, scale_value = 0.0, 0, False, float("nan")
+    # The step's figures stay on the device: no read-back to the host (which would wait for
+    # the GPU to finish its queued work) until finish_step reads them all back at once.
+    finite_sum = torch.zeros((), dtype=torch.float64, device=device)
+    finite_n = torch.zeros((), dtype=torch.float64, device=device)
+    any_bad = torch.zeros((), dtype=torch.bool, device=device)
+    scale_value = torch.full((), float("nan"), device=device)
+    nan = torch.tensor(float("nan"), device=device)
     skipped = 0
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
@@ -60,15 +69,14 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
         if inject_nan and i == 0:
             loss = loss * float("nan")
         with record_function("step.finite_check"):
-            bad = any_rank(not bool(torch.isfinite(loss.detach()).item()), device)
-        if bad:
-            # Make every rank's gradients NaN so that every optimizer skips this step alike.
-            loss = loss * float("nan")
-            any_bad = True
-        else:
-            finite_sum += float(loss.detach())
-            finite_n += 1
-        scale_value = float(logit_scale.detach().float())
+            bad = any_rank_tensor(~torch.isfinite(loss.detach()))
+            # Make every rank's gradients NaN when any rank's loss is not finite, so that
+            # every optimizer skips this step alike (a multiplication by NaN, not a branch).
+            loss = loss * torch.where(bad, nan, torch.ones_like(nan)).to(loss.dtype)
+        any_bad = any_bad | bad
+        finite_sum = finite_sum + torch.where(bad, torch.zeros_like(finite_sum), loss.detach().to(torch.float64))
+        finite_n = finite_n + (~bad).to(torch.float64)
+        scale_value = logit_scale.detach().float().reshape(())
         with record_function("step.backward"):
             engine.backward(loss)
         if i < last:
