@@ -28,6 +28,7 @@ import json
 import re
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -68,7 +69,7 @@ class OptOutChecker:
         self.proxy = EgressProxy(policy, resolver=resolver, max_body_bytes=MAX_FILE_BYTES * 2,
                                  deadline=c.robots_deadline)
         self.cache: dict[tuple[str, str, int], _Origin] = {}
-        self.fetches = 0
+        self.threads = max(1, c.thread_count)
         self._opener: urllib.request.OpenerDirector | None = None
 
     @property
@@ -89,7 +90,6 @@ class OptOutChecker:
     def _get(self, base: str, path: str) -> tuple[int | None, bytes]:
         """(status, body); status None when unreachable (network, deadline, egress refusal)."""
         assert self._opener is not None
-        self.fetches += 1
         req = urllib.request.Request(base + path, headers={"User-Agent": self.ua})
         try:
             with self._opener.open(req, timeout=self.deadline) as r:
@@ -124,16 +124,34 @@ class OptOutChecker:
                         tdm.append((len(loc), _pattern(loc), str(r.get("tdm-reservation")) == "1"))
         return _Origin(robots, unreachable, tdm)
 
-    def check(self, url: str) -> str | None:
-        if not self.enabled:
-            return None
+    @staticmethod
+    def _origin_key(url: str) -> tuple[str, str, int] | None:
         parts = urlsplit(url)
         scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
         try:
-            port = parts.port or (443 if scheme == "https" else 80)
+            return scheme, host, parts.port or (443 if scheme == "https" else 80)
         except ValueError:
             return None  # the URL check already refused it
-        key = (scheme, host, port)
+
+    def prefetch(self, urls: list[str]) -> None:
+        """Load the host files of every new origin among ``urls``, ``threads`` at a time
+        (one slow host then costs one deadline, not one per host in a row)."""
+        if not self.enabled:
+            return
+        keys = sorted({k for k in map(self._origin_key, urls) if k is not None and k not in self.cache})
+        if not keys:
+            return
+        with ThreadPoolExecutor(min(self.threads, len(keys))) as pool:
+            for k, origin in zip(keys, pool.map(lambda k: self._load(*k), keys)):
+                self.cache[k] = origin
+
+    def check(self, url: str) -> str | None:
+        if not self.enabled:
+            return None
+        key = self._origin_key(url)
+        if key is None:
+            return None
+        parts = urlsplit(url)
         origin = self.cache.get(key)
         if origin is None:
             origin = self.cache[key] = self._load(*key)

@@ -42,6 +42,7 @@ def _prepare_one(table: pa.Table, first_row: int, guard: UrlGuard, optout: OptOu
     reasons = guard.check_many(urls)
     # Opt-outs only for URLs the address check let through: never a robots.txt fetch from
     # a host the crawl would refuse.
+    optout.prefetch([u for u, r in zip(urls, reasons) if u and r is None])
     reasons = [r if r is not None or not u else optout.check(u) for u, r in zip(urls, reasons)]
     counts: Counter[str] = Counter()
     keep = []
