@@ -91,3 +91,25 @@ def test_host_files_fetched_once_per_host_and_optouts_never_fetched(crawl) -> No
     assert "/private/p.jpg" not in a and "/tdm/t.jpg" not in a and "/c.jpg" not in c
     assert a["/a.jpg"] == 1 and a["/a2.jpg"] == 1 and a["/tdm/free/f.jpg"] == 1 and b["/b.jpg"] == 1
     assert priv == {}  # not even robots.txt from the private address
+
+
+@pytest.mark.timeout(30)
+def test_silent_robots_host_bounded_by_robots_deadline() -> None:
+    """A host that accepts and never answers costs one robots_deadline, then counts as unreachable."""
+    import socket
+    import time
+
+    from data_pipeline.config import load_config
+    from data_pipeline.optout import ROBOTS_UNREACHABLE, OptOutChecker
+    from data_pipeline.safety import AddressPolicy
+
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)  # the kernel accepts; nobody reads
+    port = silent.getsockname()[1]
+    cfg = load_config(None, [("crawl.robots_deadline", 1.0), ("crawl.robots_unreachable", "deny")])
+    t0 = time.monotonic()
+    with OptOutChecker(cfg.crawl, AddressPolicy(False, ["127.0.0.1/32"])) as checker:
+        urls = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(3)]
+        checker.prefetch(urls)
+        assert [checker.check(u) for u in urls] == [ROBOTS_UNREACHABLE] * 3
+    assert time.monotonic() - t0 < 6.0  # robots.txt and tdmrep.json: about one deadline each
+    silent.close()
