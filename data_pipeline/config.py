@@ -13,6 +13,7 @@ dataset (what an output directory is bound to); process and thread counts are no
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,7 +60,19 @@ class CrawlConfig:
     max_shard_retry: int = field(default=1, metadata=_h("img2dataset retries of a failed crawl shard"))
     disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_OPT_OUTS), metadata=_h(
         "X-Robots-Tag directives that opt an image out ([] honours none)"))
-    user_agent_token: str | None = field(default=None, metadata=_h("token added to the User-Agent"))
+    user_agent_token: str | None = field(default=None, metadata=_h(
+        "token added to img2dataset's User-Agent and matched in X-Robots-Tag (null: crawl.user_agent)"))
+    user_agent: str = field(default="clip-pretrain", metadata=_h(
+        "the crawler's product token: robots.txt rules are matched for it"))
+    contact_url: str | None = field(default=None, metadata=_h(
+        "URL site owners can reach the crawl's operator at, sent in the User-Agent"))
+    robots_txt: bool = field(default=True, metadata=_h("honour robots.txt (fetched once per host before the crawl)"))
+    robots_unreachable: Literal["allow", "deny"] = field(default="allow", metadata=_h(
+        "robots.txt answering 5xx or unreachable: allow the host's URLs (the crawl's own fetch "
+        "then meets the same host) or deny them (strict RFC 9309 2.3.1.4)"))
+    robots_deadline: float = field(default=10.0, metadata=_h("seconds one robots.txt / tdmrep.json fetch may take"))
+    tdmrep: bool = field(default=True, metadata=_h(
+        "honour the W3C TDM Reservation Protocol's /.well-known/tdmrep.json per host"))
     allow_private_addresses: bool = field(default=False, metadata=_h(
         "crawl URLs on loopback/private/link-local hosts (off: refused and counted)"))
     allowed_networks: list[str] = field(default_factory=list, metadata=_h(
@@ -77,6 +90,10 @@ class CrawlConfig:
                 raise ValueError(f"crawl.{name} must be >= 1")
         if self.timeout <= 0 or self.retries < 0:
             raise ValueError("crawl.timeout must be > 0 and crawl.retries >= 0")
+        if self.robots_deadline <= 0:
+            raise ValueError("crawl.robots_deadline must be > 0")
+        if not re.fullmatch(r"[A-Za-z_-]+", self.user_agent):
+            raise ValueError("crawl.user_agent must be a product token (letters, '-' and '_', RFC 9309 2.2.1)")
         if self.download_deadline <= 0:
             raise ValueError("crawl.download_deadline must be > 0")
         if not 0 <= self.egress_port <= 65535:
@@ -121,7 +138,7 @@ class BuildConfig:
 _NOT_IDENTITY = {
     "output", "processes",
     "crawl.thread_count", "crawl.distributor", "crawl.subjob_size", "crawl.max_shard_retry",
-    "crawl.egress_bind", "crawl.egress_port", "crawl.egress_advertise",
+    "crawl.egress_bind", "crawl.egress_port", "crawl.egress_advertise", "crawl.contact_url", "crawl.robots_deadline",
     "filter.clip_score.batch_size", "filter.clip_score.device",
 }
 

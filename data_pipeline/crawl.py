@@ -232,7 +232,7 @@ def _run_img2dataset(cfg: BuildConfig, layout: Layout, processes: int, oom_shard
         subjob_size=c.subjob_size,
         max_shard_retry=c.max_shard_retry,
         disallowed_header_directives=list(c.disallowed_header_directives),
-        user_agent_token=c.user_agent_token,
+        user_agent_token=c.user_agent_token or c.user_agent,
         incremental_mode="incremental",
         enable_wandb=False,
         extract_exif=False,  # EXIF is not used downstream and costs time per image

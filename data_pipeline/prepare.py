@@ -3,7 +3,8 @@
 Each input file becomes ``OUT/input/NNNNN.parquet`` (columns ``url``, ``caption``,
 ``input_row`` = the row's global position in the URL list, and the extra columns) holding
 only the rows the crawl may fetch, plus ``NNNNN.json`` with how many rows were read and
-why the others were refused. Both are written atomically (json last: it marks the file
+why the others were refused (address policy, :mod:`data_pipeline.safety`; per-host
+opt-outs, robots.txt and TDM-Rep, :mod:`data_pipeline.optout`). Both are written atomically (json last: it marks the file
 done), so a rerun skips finished files.
 
     summary = prepare_inputs(cfg, layout)   # PrepareSummary(files, rows, passed, counts)
@@ -21,6 +22,7 @@ from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
 from data_pipeline.inputs import list_input_files, read_url_table
 from data_pipeline.layout import Layout
+from data_pipeline.optout import OptOutChecker
 from data_pipeline.safety import AddressPolicy, Resolver, UrlGuard, resolve_host
 
 MISSING_URL = "input/missing_url"
@@ -34,9 +36,14 @@ class PrepareSummary:
     counts: dict[str, int] = field(default_factory=dict)  # refusals by "stage/reason"
 
 
-def _prepare_one(table: pa.Table, first_row: int, guard: UrlGuard, bar: tqdm) -> tuple[pa.Table, Counter[str]]:
+def _prepare_one(table: pa.Table, first_row: int, guard: UrlGuard, optout: OptOutChecker,
+                 bar: tqdm) -> tuple[pa.Table, Counter[str]]:
     urls = table.column("url").to_pylist()
     reasons = guard.check_many(urls)
+    # Opt-outs only for URLs the address check let through: never a robots.txt fetch from
+    # a host the crawl would refuse.
+    optout.prefetch([u for u, r in zip(urls, reasons) if u and r is None])
+    reasons = [r if r is not None or not u else optout.check(u) for u, r in zip(urls, reasons)]
     counts: Counter[str] = Counter()
     keep = []
     for i, (u, r) in enumerate(zip(urls, reasons)):
@@ -60,12 +67,14 @@ def prepare_inputs(cfg: BuildConfig, layout: Layout, policy: AddressPolicy | Non
                    resolver: Resolver = resolve_host) -> PrepareSummary:
     c = cfg.crawl
     files, fmt = list_input_files(cfg.urls, c.input_format)
-    guard = UrlGuard(resolver=resolver, policy=policy or address_policy(cfg))
+    policy = policy or address_policy(cfg)
+    guard = UrlGuard(resolver=resolver, policy=policy)
+    optout = OptOutChecker(c, policy, resolver)
     fsutil.makedirs(layout.input_dir)
     fsutil.remove_stale_tmp(layout.input_dir)
     summary = PrepareSummary()
     total: Counter[str] = Counter()
-    with tqdm(desc="prepare: read + safety check", unit="url") as bar:
+    with optout, tqdm(desc="prepare: read + safety check + opt-outs", unit="url") as bar:
         for i, src in enumerate(files):
             out = fsutil.join(layout.input_dir, f"{i:05d}.parquet")
             meta_path = fsutil.join(layout.input_dir, f"{i:05d}.json")
@@ -74,7 +83,7 @@ def prepare_inputs(cfg: BuildConfig, layout: Layout, policy: AddressPolicy | Non
                 bar.update(meta["rows"])
             else:
                 table = read_url_table(src, fmt, c.url_col, c.caption_col, c.extra_columns, c.header)
-                kept, counts = _prepare_one(table, summary.rows, guard, bar)
+                kept, counts = _prepare_one(table, summary.rows, guard, optout, bar)
                 with fsutil.atomic_open(out) as f:
                     pq.write_table(kept, f)
                 meta = {"source": src, "rows": table.num_rows, "passed": kept.num_rows,
