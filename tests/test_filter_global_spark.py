@@ -111,3 +111,16 @@ def test_auto_engine_by_row_count(tmp_path: Path) -> None:
     assert choose_engine(FilterConfig.from_dict({"global_pass": {"spark_min_rows": 201}}), files) == "local"
     with pytest.raises(ValueError, match="global_pass.engine"):
         FilterConfig.from_dict({"global_pass": {"engine": "dask"}})
+
+
+@pytest.mark.timeout(300)
+def test_spark_equals_local_on_a_real_filter_build(spark, tmp_path: Path) -> None:
+    from data_pipeline.filter import filter_stage
+    from test_filter_stage import build_dataset
+
+    tars, expected = build_dataset(tmp_path)
+    work = tmp_path / "work"
+    filter_stage(tars, str(work), FilterConfig.from_dict({"global_pass": {"engine": "local"}}))
+    a, b, counts = run_both(work, {})
+    assert a == b
+    assert counts["filter/near_duplicate"] == 2 and counts["filter/duplicate_image"] == 2
