@@ -23,7 +23,7 @@ def test_default_threshold_precision_and_recall() -> None:
     false, true, _ = bench.labelled_distances(120)
     t = FilterConfig().dedup.phash_distance
     row = bench.table(false, true, [t])[0]
-    assert row["precision"] >= 0.99 and row["fp_rate"] <= 1e-4, row
+    assert row["precision"] >= 0.99 and row["fp_rate"] <= 2e-4, row
     assert row["recall"] >= 0.70, row
     for v in ("jpeg_q30", "jpeg_q50", "jpeg_q90", "resize_160", "resize_112"):
         assert row[v] == 1.0, (v, row)
