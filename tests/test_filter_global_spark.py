@@ -124,3 +124,12 @@ def test_spark_equals_local_on_a_real_filter_build(spark, tmp_path: Path) -> Non
     a, b, counts = run_both(work, {})
     assert a == b
     assert counts["filter/near_duplicate"] == 2 and counts["filter/duplicate_image"] == 2
+
+
+def test_engine_is_not_part_of_the_dataset_identity() -> None:
+    from data_pipeline.config import dataset_identity, load_config
+
+    a = load_config(overrides=[("filter.global_pass.engine", "local")])
+    b = load_config(overrides=[("filter.global_pass.engine", "spark"), ("filter.global_pass.spark_min_rows", 5)])
+    assert a.filter.global_pass.engine == "local" and b.filter.global_pass.engine == "spark"
+    assert dataset_identity(a) == dataset_identity(b)
