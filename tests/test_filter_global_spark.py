@@ -118,12 +118,20 @@ def test_spark_equals_local_on_a_real_filter_build(spark, tmp_path: Path) -> Non
     from data_pipeline.filter import filter_stage
     from test_filter_stage import build_dataset
 
+    from test_filter_support import distinct_indices, encode, real_image
+
     tars, expected = build_dataset(tmp_path)
     work = tmp_path / "work"
     filter_stage(tars, str(work), FilterConfig.from_dict({"global_pass": {"engine": "local"}}))
     a, b, counts = run_both(work, {})
     assert a == b
     assert counts["filter/near_duplicate"] == 2 and counts["filter/duplicate_image"] == 2
+    # decontamination: an eval set holding a re-encode of one kept picture (d[4])
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "a.jpg").write_bytes(encode(real_image(distinct_indices(16)[4]), quality=70))
+    a, b, counts = run_both(work, {"eval_overlap": {"eval_images": str(evals)}})
+    assert a == b and counts["filter/eval_overlap"] == 1
 
 
 def test_engine_is_not_part_of_the_dataset_identity() -> None:

@@ -68,6 +68,12 @@ def decide(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
         decision.iloc[idx] = reason
         alive[idx] = False
 
+    if cfg.eval_overlap.eval_images:
+        from data_pipeline.filter.decontam import EVAL_OVERLAP, eval_hashes, eval_overlap_mask
+
+        hashes = np.array([int(h, 16) for h in df.loc[alive, "phash"]], dtype=np.uint64)
+        reject(eval_overlap_mask(hashes, eval_hashes(cfg.eval_overlap.eval_images), cfg.eval_overlap.max_distance),
+               EVAL_OVERLAP)
     if cfg.dedup.image_sha256:
         reject(first_occurrence_mask(df.loc[alive, "sha256"]), DUPLICATE_IMAGE)
     if cfg.dedup.url_caption:

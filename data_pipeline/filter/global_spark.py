@@ -148,6 +148,25 @@ def _balance(df, cfg: FilterConfig):
     ).drop("_k", "_bal")
 
 
+def _eval_overlap(df, cfg: FilterConfig):
+    """Each training hash against the (small, shipped to every task) eval set: the same
+    ``eval_overlap_mask`` as the local path, per Arrow batch."""
+    import numpy as np
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import pandas_udf
+
+    from data_pipeline.filter.decontam import EVAL_OVERLAP, eval_hashes, eval_overlap_mask
+
+    evals, d = eval_hashes(cfg.eval_overlap.eval_images), cfg.eval_overlap.max_distance
+
+    @pandas_udf("boolean")
+    def hit(phash: pd.Series) -> pd.Series:
+        h = np.array([int(x, 16) if x else 0 for x in phash.fillna("")], dtype=np.uint64)
+        return pd.Series(eval_overlap_mask(h, evals, d))
+
+    return _mark(df, F.coalesce(hit(F.col("phash")), F.lit(False)), EVAL_OVERLAP)
+
+
 def decide_spark(files: list[str], cfg: FilterConfig) -> pd.DataFrame:
     """Read the per-shard record files, decide on Spark, return the full decided table
     sorted by (source_tar, key) with RECORD_SCHEMA's columns."""
@@ -160,6 +179,8 @@ def decide_spark(files: list[str], cfg: FilterConfig) -> pd.DataFrame:
         raise ValueError(f"two per-shard records hold the same sample {[dup[0][0], dup[0][1]]}: "
                          "two input tars share a file name?")
     df = df.withColumn("_alive", F.col("decision") == KEPT)
+    if cfg.eval_overlap.eval_images:
+        df = _eval_overlap(df, cfg)
     if cfg.dedup.image_sha256:
         df = _first_wins(df, F.col("sha256"), DUPLICATE_IMAGE)
     if cfg.dedup.url_caption:
