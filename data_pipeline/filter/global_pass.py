@@ -2,7 +2,9 @@
 
 Over the samples that passed every per-sample rule, in (source_tar, key) order (the first
 occurrence wins): exact duplicates by image SHA-256, then by (url, caption), then
-near-duplicates (pHash within Hamming distance d), then MetaCLIP balancing. Writes
+near-duplicates (pHash within Hamming distance d), then MetaCLIP balancing (decontamination
+against an eval set, when configured, runs first). ``global_spark`` gives the same decisions
+on Spark. Writes
 ``<work_dir>/decisions.parquet`` atomically (one row per input sample, with its final
 decision) and returns a ``FilterResult``.
 
