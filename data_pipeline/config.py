@@ -140,6 +140,8 @@ _NOT_IDENTITY = {
     "crawl.thread_count", "crawl.distributor", "crawl.subjob_size", "crawl.max_shard_retry",
     "crawl.egress_bind", "crawl.egress_port", "crawl.egress_advertise", "crawl.contact_url", "crawl.robots_deadline",
     "filter.clip_score.batch_size", "filter.clip_score.device",
+    # both engines of pass 2 write byte-identical decisions
+    "filter.global_pass.engine", "filter.global_pass.spark_min_rows", "filter.global_pass.spark_master",
 }
 
 

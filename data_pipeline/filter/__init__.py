@@ -22,7 +22,8 @@ filter/caption_empty, filter/caption_filename, filter/caption_generic, filter/ca
 filter/caption_repetitive, filter/caption_too_short, filter/caption_too_long,
 filter/caption_too_few_words, filter/caption_too_many_words, then filter/clip_score
 (optional) and filter/duplicate_key (a key repeated inside one tar);
-pass 2 (over pass-1 survivors, first in (source_tar, key) order wins) —
+pass 2 (over pass-1 survivors, first in (source_tar, key) order wins; in this process or on
+Spark, ``filter.global_pass.engine``) — filter/eval_overlap (optional decontamination),
 filter/duplicate_image (SHA-256), filter/duplicate_url_caption, filter/near_duplicate
 (pHash), filter/balance and filter/balance_no_match (optional).
 """
@@ -32,13 +33,15 @@ from __future__ import annotations
 RECORD_VERSION = 1
 
 from data_pipeline.filter.config import (  # noqa: E402
-    BalanceConfig, CaptionRules, ClipScoreConfig, DedupConfig, FilterConfig, ImageRules,
+    BalanceConfig, CaptionRules, ClipScoreConfig, DedupConfig, EvalOverlapConfig, FilterConfig, GlobalPassConfig,
+    ImageRules,
 )
 from data_pipeline.filter.global_pass import FilterResult, global_pass  # noqa: E402
 from data_pipeline.filter.shard_pass import filter_shard, per_shard_path  # noqa: E402
 from data_pipeline.filter.stage import filter_stage  # noqa: E402
 
 __all__ = [
-    "BalanceConfig", "CaptionRules", "ClipScoreConfig", "DedupConfig", "FilterConfig", "FilterResult",
+    "BalanceConfig", "CaptionRules", "ClipScoreConfig", "DedupConfig", "EvalOverlapConfig", "FilterConfig",
+    "FilterResult", "GlobalPassConfig",
     "ImageRules", "RECORD_VERSION", "filter_shard", "filter_stage", "global_pass", "per_shard_path",
 ]

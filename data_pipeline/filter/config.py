@@ -116,12 +116,37 @@ class BalanceConfig:
 
 
 @dataclass
+class EvalOverlapConfig:
+    """Decontamination against an evaluation set (off while eval_images is empty)."""
+
+    eval_images: str = ""  # a folder (local or fsspec URL) of the eval set's image files
+    max_distance: int = 4  # pHash Hamming distance counted as the same picture
+
+
+@dataclass
+class GlobalPassConfig:
+    """Where pass 2 runs. "local": one process, pandas + numpy (the default for small
+    builds). "spark": Spark SQL on the active SparkSession, or a new one on ``spark_master``
+    (window functions for the exact duplicates, a band self-join for the near-duplicates).
+    "auto": spark when the pass-1 records hold >= spark_min_rows rows and pyspark imports.
+    Both engines write byte-identical decisions.parquet."""
+
+    engine: str = "auto"
+    # Below ~20M rows one process is faster than Spark's start-up and shuffles and fits
+    # in a few GiB (measured: benchmarks/RESULTS.md, "global pass").
+    spark_min_rows: int = 20_000_000
+    spark_master: str = "local[*]"  # used only when no SparkSession is active
+
+
+@dataclass
 class FilterConfig:
     image: ImageRules = field(default_factory=ImageRules)
     caption: CaptionRules = field(default_factory=CaptionRules)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     clip_score: ClipScoreConfig = field(default_factory=ClipScoreConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    global_pass: GlobalPassConfig = field(default_factory=GlobalPassConfig)
+    eval_overlap: EvalOverlapConfig = field(default_factory=EvalOverlapConfig)
 
     def __post_init__(self) -> None:
         if self.image.size_source not in ("image", "original"):
@@ -134,6 +159,10 @@ class FilterConfig:
             raise ValueError("dedup.phash_distance must be in [0, 63]")
         if self.clip_score.enabled and not self.clip_score.checkpoint:
             raise ValueError("clip_score.enabled needs clip_score.checkpoint (a state-dict file or a run dir)")
+        if not 0 <= self.eval_overlap.max_distance < 64:
+            raise ValueError("eval_overlap.max_distance must be in [0, 63]")
+        if self.global_pass.engine not in ("auto", "local", "spark"):
+            raise ValueError(f"global_pass.engine must be auto, local or spark, not {self.global_pass.engine!r}")
         if self.balance.enabled and self.balance.max_per_entry < 1:
             raise ValueError("balance.max_per_entry must be >= 1")
 

@@ -2,7 +2,9 @@
 
 Over the samples that passed every per-sample rule, in (source_tar, key) order (the first
 occurrence wins): exact duplicates by image SHA-256, then by (url, caption), then
-near-duplicates (pHash within Hamming distance d), then MetaCLIP balancing. Writes
+near-duplicates (pHash within Hamming distance d), then MetaCLIP balancing (decontamination
+against an eval set, when configured, runs first). ``global_spark`` gives the same decisions
+on Spark. Writes
 ``<work_dir>/decisions.parquet`` atomically (one row per input sample, with its final
 decision) and returns a ``FilterResult``.
 
@@ -68,6 +70,12 @@ def decide(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
         decision.iloc[idx] = reason
         alive[idx] = False
 
+    if cfg.eval_overlap.eval_images:
+        from data_pipeline.filter.decontam import EVAL_OVERLAP, eval_hashes, eval_overlap_mask
+
+        hashes = np.array([int(h, 16) for h in df.loc[alive, "phash"]], dtype=np.uint64)
+        reject(eval_overlap_mask(hashes, eval_hashes(cfg.eval_overlap.eval_images), cfg.eval_overlap.max_distance),
+               EVAL_OVERLAP)
     if cfg.dedup.image_sha256:
         reject(first_occurrence_mask(df.loc[alive, "sha256"]), DUPLICATE_IMAGE)
     if cfg.dedup.url_caption:
@@ -90,19 +98,40 @@ def decide(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
     return decision
 
 
-def global_pass(work_dir: str, cfg: FilterConfig, tars: list[str] | None = None) -> FilterResult:
-    """Merge per-shard records (of ``tars``, or all under work_dir) and decide."""
-    files = _per_shard_files(work_dir, tars)
-    tables = [fsio.read_parquet(p).cast(RECORD_SCHEMA) for p in files]
-    table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
-    df = table.to_pandas()
-    df = df.sort_values(["source_tar", "key"], kind="stable").reset_index(drop=True)
+def count_rows(files: list[str]) -> int:
+    """Rows in the per-shard files, from their parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for p in files:
+        with fsspec.open(p, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def choose_engine(cfg: FilterConfig, files: list[str]) -> str:
+    """"local" or "spark" for this pass (``filter.global_pass.engine``; auto: by row count)."""
+    engine = cfg.global_pass.engine
+    if engine != "auto":
+        return engine
+    if count_rows(files) < cfg.global_pass.spark_min_rows:
+        return "local"
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        return "local"
+    return "spark"
+
+
+def check_unique_keys(df: pd.DataFrame) -> None:
     dup_rows = df.duplicated(["source_tar", "key"])
     if dup_rows.any():
         first = df.loc[dup_rows, ["source_tar", "key"]].iloc[0].tolist()
         raise ValueError(f"two per-shard records hold the same sample {first}: two input tars share a file name?")
-    df["decision"] = decide(df, cfg)
 
+
+def finish(df: pd.DataFrame, work_dir: str) -> FilterResult:
+    """Write decisions.parquet (df sorted by (source_tar, key), decided) and summarise."""
     out = fsio.join(work_dir, "decisions.parquet")
     fsio.write_parquet_atomic(pa.Table.from_pandas(df, schema=RECORD_SCHEMA, preserve_index=False), out)
 
@@ -110,3 +139,20 @@ def global_pass(work_dir: str, cfg: FilterConfig, tars: list[str] | None = None)
     kept = df.loc[df["decision"] == KEPT].drop(columns=["decision"]).reset_index(drop=True)
     kept["balance_entries"] = kept["balance_entries"].map(list)  # numpy arrays -> plain lists
     return FilterResult(kept=kept, counts=counts, total_in=len(df), decisions_path=out)
+
+
+def global_pass(work_dir: str, cfg: FilterConfig, tars: list[str] | None = None) -> FilterResult:
+    """Merge per-shard records (of ``tars``, or all under work_dir) and decide, in this
+    process or on Spark (``cfg.global_pass.engine``)."""
+    files = _per_shard_files(work_dir, tars)
+    if files and choose_engine(cfg, files) == "spark":
+        from data_pipeline.filter.global_spark import decide_spark
+
+        return finish(decide_spark(files, cfg), work_dir)
+    tables = [fsio.read_parquet(p).cast(RECORD_SCHEMA) for p in files]
+    table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+    df = table.to_pandas()
+    df = df.sort_values(["source_tar", "key"], kind="stable").reset_index(drop=True)
+    check_unique_keys(df)
+    df["decision"] = decide(df, cfg)
+    return finish(df, work_dir)

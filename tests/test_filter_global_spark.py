@@ -1,0 +1,143 @@
+"""Pass 2 on Spark (local mode) against the single-process pass: byte-identical
+decisions.parquet on synthetic metadata-only records (exact, url-caption and near
+duplicates with chains, MetaCLIP balancing) and on a small real filter build.
+
+One SparkSession for the module (start-up ~15 s on 2 cores). Skips where pyspark or Java
+is missing.
+
+Run: .venv/bin/python -m pytest -q tests/test_filter_global_spark.py   (~60 s)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from data_pipeline.filter import FilterConfig, global_pass
+from data_pipeline.filter.fsio import write_parquet_atomic
+from data_pipeline.filter.global_pass import choose_engine
+from data_pipeline.filter.shard_pass import RECORD_SCHEMA
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def spark():
+    pyspark = pytest.importorskip("pyspark")
+    saved = {k: os.environ.get(k) for k in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
+    os.environ["PYSPARK_PYTHON"] = os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    try:
+        from pyspark.sql import SparkSession
+
+        s = (SparkSession.builder.master("local[2]").appName("filter-global-test")
+             .config("spark.ui.enabled", "false").config("spark.driver.memory", "1g")
+             .config("spark.sql.shuffle.partitions", "4").getOrCreate())
+    except Exception as e:
+        pytest.skip(f"pyspark {pyspark.__version__} cannot start a local session: {e}")
+    yield s
+    s.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def synthetic_records(root: Path, n: int = 3000, tars: int = 3, seed: int = 0) -> None:
+    """Per-shard record files as pass 1 writes them, with planted duplicates of each kind."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 2**64, size=n // 4, dtype=np.uint64, endpoint=False)
+    hashes = base[rng.integers(0, len(base), size=n)]
+    flips = rng.integers(0, 7, size=n)
+    for i in range(n):
+        for b in rng.choice(64, int(flips[i]), replace=False):
+            hashes[i] ^= np.uint64(1) << np.uint64(b)
+    entries = ["dress", "shirt", "shoe", "bag", "hat"]
+    rows = []
+    for i in range(n):
+        sha = f"{int(rng.integers(0, n // 2)):064x}" if rng.random() < 0.3 else f"{i + 10**6:064x}"
+        url = None if rng.random() < 0.05 else f"http://127.0.0.1/{int(rng.integers(0, 20)) if rng.random() < 0.2 else i}.jpg"
+        m = [e for e in entries if rng.random() < 0.3]
+        rows.append({
+            "source_tar": f"{i % tars:05d}.tar", "key": f"{i:09d}", "url": url,
+            "caption": f"caption {int(rng.integers(0, 10)) if rng.random() < 0.5 else i}",
+            "width": 224, "height": 224, "original_width": -1, "original_height": -1,
+            "sha256": sha, "phash": f"{int(hashes[i]):016x}", "clip_score": float("nan"),
+            "balance_entries": m, "decision": "kept" if rng.random() < 0.9 else "filter/min_side",
+        })
+    for t in range(tars):
+        part = [r for r in rows if r["source_tar"] == f"{t:05d}.tar"]
+        rng.shuffle(part)  # a per-shard file need not be in key order
+        write_parquet_atomic(pa.Table.from_pylist(part, schema=RECORD_SCHEMA), str(root / "per_shard" / f"{t:05d}.parquet"))
+
+
+def run_both(work: Path, cfg_dict: dict) -> tuple[bytes, bytes, dict]:
+    local = global_pass(str(work), FilterConfig.from_dict({**cfg_dict, "global_pass": {"engine": "local"}}))
+    a = Path(local.decisions_path).read_bytes()
+    sp = global_pass(str(work), FilterConfig.from_dict({**cfg_dict, "global_pass": {"engine": "spark"}}))
+    b = Path(sp.decisions_path).read_bytes()
+    assert sp.counts == local.counts and sp.total_in == local.total_in
+    return a, b, local.counts
+
+
+@pytest.mark.timeout(300)
+def test_spark_equals_local_on_synthetic_records(spark, tmp_path: Path) -> None:
+    synthetic_records(tmp_path)
+    cfg = {"dedup": {"phash_distance": 4}, "balance": {"enabled": True, "entries": ["dress"], "max_per_entry": 200}}
+    a, b, counts = run_both(tmp_path, cfg)
+    assert a == b
+    # every global reason happened, so each step was compared
+    for reason in ("filter/duplicate_image", "filter/duplicate_url_caption", "filter/near_duplicate",
+                   "filter/balance", "filter/balance_no_match"):
+        assert counts.get(reason, 0) > 0, (reason, counts)
+
+
+@pytest.mark.timeout(300)
+def test_spark_equals_local_dedup_only_other_distance(spark, tmp_path: Path) -> None:
+    synthetic_records(tmp_path, n=1500, seed=1)
+    a, b, counts = run_both(tmp_path, {"dedup": {"phash_distance": 7}})
+    assert a == b and counts["filter/near_duplicate"] > 0
+
+
+def test_auto_engine_by_row_count(tmp_path: Path) -> None:
+    synthetic_records(tmp_path, n=200)
+    files = sorted(str(p) for p in (tmp_path / "per_shard").glob("*.parquet"))
+    assert choose_engine(FilterConfig(), files) == "local"
+    assert choose_engine(FilterConfig.from_dict({"global_pass": {"spark_min_rows": 200}}), files) == "spark"
+    assert choose_engine(FilterConfig.from_dict({"global_pass": {"spark_min_rows": 201}}), files) == "local"
+    with pytest.raises(ValueError, match="global_pass.engine"):
+        FilterConfig.from_dict({"global_pass": {"engine": "dask"}})
+
+
+@pytest.mark.timeout(300)
+def test_spark_equals_local_on_a_real_filter_build(spark, tmp_path: Path) -> None:
+    from data_pipeline.filter import filter_stage
+    from test_filter_stage import build_dataset
+
+    from test_filter_support import distinct_indices, encode, real_image
+
+    tars, expected = build_dataset(tmp_path)
+    work = tmp_path / "work"
+    filter_stage(tars, str(work), FilterConfig.from_dict({"global_pass": {"engine": "local"}}))
+    a, b, counts = run_both(work, {})
+    assert a == b
+    assert counts["filter/near_duplicate"] == 2 and counts["filter/duplicate_image"] == 2
+    # decontamination: an eval set holding a re-encode of one kept picture (d[4])
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "a.jpg").write_bytes(encode(real_image(distinct_indices(16)[4]), quality=70))
+    a, b, counts = run_both(work, {"eval_overlap": {"eval_images": str(evals)}})
+    assert a == b and counts["filter/eval_overlap"] == 1
+
+
+def test_engine_is_not_part_of_the_dataset_identity() -> None:
+    from data_pipeline.config import dataset_identity, load_config
+
+    a = load_config(overrides=[("filter.global_pass.engine", "local")])
+    b = load_config(overrides=[("filter.global_pass.engine", "spark"), ("filter.global_pass.spark_min_rows", 5)])
+    assert a.filter.global_pass.engine == "local" and b.filter.global_pass.engine == "spark"
+    assert dataset_identity(a) == dataset_identity(b)
