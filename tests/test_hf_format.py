@@ -128,7 +128,7 @@ def test_import_a_directory_written_by_transformers(tmp_path):
         with torch.no_grad():
             assert (model.encode_image(images) - want_i).abs().max() < 1e-5
             assert (model.encode_text(tokens) - want_t).abs().max() < 1e-5
-        assert float(model.logit_scale) == pytest.approx(3.3)
+        assert float(model.logit_scale.detach()) == pytest.approx(3.3)
     # model.init_from: hf:DIR into a fresh run's model of the same architecture
     from pretrain.train.init_from import init_model_from
 
@@ -186,7 +186,7 @@ def trained_vit(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vit_run")
     run = launch(root / "run", tiny_overrides(caption_data(root / "data", corrupt=False), model="ViT-tiny",
-                                              stage=0, steps=2, global_batch=8, micro_batch=8), nprocs=1)
+                                              stage=0, steps=3, global_batch=8, micro_batch=8), nprocs=1)
     assert run.rc == 0, run.output[-3000:]
     return root / "run"
 
@@ -212,5 +212,22 @@ def test_trained_run_exports_safetensors_and_hf(trained_vit, tmp_path, tok):
         assert (_hf_features(hf.get_image_features(pixel_values=images)) - want_i).abs().max() < 1e-5
         assert (_hf_features(hf.get_text_features(input_ids=tokens)) - want_t).abs().max() < 1e-5
         assert torch.equal(from_st.encode_image(images), want_i)
-    assert float(hf.logit_scale) == pytest.approx(float(live.logit_scale))
+    assert float(hf.logit_scale.detach()) == pytest.approx(float(live.logit_scale.detach()))
     assert not any(p.endswith(".pt") for p in map(str, (tmp_path / "hf").iterdir()))
+
+
+def test_eval_and_clip_score_load_hf_dirs_and_safetensors(tmp_path):
+    from data_pipeline.filter.clip_score import load_checkpoint_model
+    from pretrain.eval.checkpoints import load_checkpoint
+
+    model = models.create_model("ViT-tiny").eval()
+    save_hf_dir(model, tmp_path / "hf")
+    safetensors_torch.save_file({k: v.clone().contiguous() for k, v in models.to_openai_state_dict(model).items()},
+                                str(tmp_path / "w.safetensors"))
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model.encode_image(images)
+        for loaded in (load_checkpoint(tmp_path / "hf")[0], load_checkpoint(f"hf:{tmp_path / 'hf'}")[0],
+                       load_checkpoint(tmp_path / "w.safetensors")[0], load_checkpoint_model(f"hf:{tmp_path / 'hf'}"),
+                       load_checkpoint_model(str(tmp_path / "w.safetensors"))):
+            assert (loaded.encode_image(images) - want).abs().max() < 1e-6
