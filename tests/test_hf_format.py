@@ -231,3 +231,30 @@ def test_eval_and_clip_score_load_hf_dirs_and_safetensors(tmp_path):
                        load_checkpoint(tmp_path / "w.safetensors")[0], load_checkpoint_model(f"hf:{tmp_path / 'hf'}"),
                        load_checkpoint_model(str(tmp_path / "w.safetensors"))):
             assert (loaded.encode_image(images) - want).abs().max() < 1e-6
+
+
+def test_eval_cli_writes_clip_benchmark_json(tmp_path):
+    from pretrain.eval.cli import main as eval_main
+
+    model = models.create_model("ViT-tiny", image_size=32).eval()
+    safetensors_torch.save_file({k: v.clone().contiguous() for k, v in models.to_openai_state_dict(model).items()},
+                                str(tmp_path / "w.safetensors"))
+    rc = eval_main(["zeroshot", "--checkpoint", str(tmp_path / "w.safetensors"), "--dataset", "packaged:digits",
+                    "--output-dir", str(tmp_path / "out"), "--no-cache", "--quiet", "--num-workers", "0",
+                    "--limit", "64"])
+    assert rc == 0
+    ours = json.loads(next((tmp_path / "out").glob("zeroshot-*[!k].json")).read_text())
+    cb = json.loads(next((tmp_path / "out").glob("*.clip_benchmark.json")).read_text())
+    assert cb["task"] == "zeroshot_classification" and cb["pretrained"] == str(tmp_path / "w.safetensors")
+    assert cb["metrics"]["acc1"] == ours["metrics"]["top1"] and cb["metrics"]["acc5"] == ours["metrics"]["top5"]
+    assert set(cb) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+
+
+def test_clip_benchmark_retrieval_keys():
+    from pretrain.eval.clip_benchmark import to_clip_benchmark
+
+    res = {"task": "retrieval", "dataset": "captions", "metrics": {"i2t_r1": 0.5, "t2i_r5": 0.25, "n_images": 8}}
+    cb = to_clip_benchmark(res, model="m", pretrained="p")
+    assert cb["task"] == "zeroshot_retrieval"
+    assert cb["metrics"] == {"text_retrieval_recall@1": 0.5, "image_retrieval_recall@5": 0.25}
+    assert to_clip_benchmark({"task": "few-shot"}, model="m", pretrained="p") is None
