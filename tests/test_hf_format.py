@@ -154,6 +154,10 @@ def test_resnets_are_refused_and_bad_dirs_error(tmp_path):
         read_hf_dir(bad)
     with pytest.raises(FileNotFoundError):
         read_hf_dir(tmp_path / "missing")
+    (bad / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 64, "intermediate_size": 100},
+                                                 "vision_config": {}}))
+    with pytest.raises(ValueError, match="MLP ratio 4"):
+        read_hf_dir(bad)
 
 
 @pytest.mark.parametrize("name", [n for n in models.list_models() if n.startswith("ViT")])

@@ -223,6 +223,11 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     if len(acts) != 1 or not acts <= set(_ACT_FROM_HF):
         raise ValueError(f"{p}: hidden_act {sorted(acts)} is not supported (one of {sorted(_ACT_FROM_HF)} "
                          "for both towers)")
+    for name, c in (("text_config", tcfg), ("vision_config", vcfg)):
+        width, mlp = c.get("hidden_size"), c.get("intermediate_size")
+        if width is not None and mlp is not None and mlp != 4 * width:  # our blocks have MLP ratio 4
+            raise ValueError(f"{p}: {name}.intermediate_size {mlp} is not 4 x hidden_size {width}; "
+                             "only CLIP's MLP ratio 4 is supported")
     if (p / HF_WEIGHTS).is_file():
         try:
             hf = load_file(str(p / HF_WEIGHTS))
