@@ -144,7 +144,7 @@ def test_export_writes_an_openai_layout_checkpoint(rn_zero3_bf16, tmp_path):
     from pretrain.models import from_openai_state_dict
 
     out = tmp_path / "rn.pt"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(rn_zero3_bf16.run_dir), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(rn_zero3_bf16.run_dir), str(out), "--pt"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     sd = torch.load(out, weights_only=True)

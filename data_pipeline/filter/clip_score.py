@@ -30,7 +30,8 @@ def load_checkpoint_model(checkpoint: str, tag: str = "", device: str = "cpu",
     mode on ``device``, read weights-only by pretrain.modelio."""
     from pretrain.modelio import TorchScriptRefused, load_model
 
-    if not os.path.isdir(checkpoint):
+    # "hf:DIR" is a local Hugging Face CLIP dir (never fsspec's hub protocol "hf://")
+    if not os.path.isdir(checkpoint) and not checkpoint.startswith("hf:"):
         fs, path = fsspec.core.url_to_fs(checkpoint)
         if not fs.isfile(path):
             raise FileNotFoundError(f"clip_score.checkpoint: no such state-dict file or run directory: {checkpoint}")

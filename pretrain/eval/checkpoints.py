@@ -2,7 +2,8 @@
 through the one weights-only loader (pretrain.modelio).
 
 - Run dir (has ``run_config.yaml`` or ``checkpoints/``): any ZeRO stage, consolidated to fp32.
-- File (``.pt``/``.pth``/``.bin``/...): a state dict in OpenAI's layout (also wrapped in
+- Hugging Face CLIP dir (``hf:DIR``, or a dir with config.json + model.safetensors).
+- File (``.safetensors``/``.pt``/``.pth``/``.bin``/...): a state dict in OpenAI's layout (also wrapped in
   ``{"state_dict": ...}`` or with ``module.`` prefixes). One of OpenAI's TorchScript
   archives only with ``allow_torchscript=True`` (CLI ``--allow-torchscript-code``): it runs
   the code it contains.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.modelio import is_run_dir, load_model, load_state_dict_file, newest_complete_tag
+from pretrain.modelio import is_hf_dir, is_run_dir, load_model, load_state_dict_file, newest_complete_tag
 
 __all__ = ["is_run_dir", "load_checkpoint", "load_state_dict_file"]
 
@@ -40,8 +41,13 @@ def load_checkpoint(
 ) -> tuple[torch.nn.Module, str]:
     """``(model in eval mode on device, fingerprint)``. ``image_size``/``act`` apply to
     OpenAI-layout files only (a run dir's config fixes both)."""
-    path = Path(spec).expanduser()
-    if is_run_dir(path):
+    hf = str(spec).startswith("hf:")
+    path = Path(str(spec).removeprefix("hf:")).expanduser()
+    if hf or is_hf_dir(path):
+        model = load_model(f"hf:{path}", image_size=image_size, device=str(device))
+        files = [p for p in path.iterdir() if p.is_file()]
+        fp = _files_fingerprint(files, extra=("hf", image_size))
+    elif is_run_dir(path):
         tag = tag or newest_complete_tag(path)  # resolved here so the fingerprint names it
         model = load_model(path, tag=tag, device=str(device))
         tag_dir = path / "checkpoints" / tag if tag else path / "checkpoints"

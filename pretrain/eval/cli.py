@@ -12,14 +12,17 @@ wds:PATTERN | captions:PATTERN (see pretrain/eval/datasets.py). Probes train on
     python -m pretrain.eval few-shot --checkpoint runs/tiny --dataset packaged:fashion-mnist --seeds 3
     python -m pretrain.eval retrieval --checkpoint runs/tiny --dataset captions:/data/val/manifest.json
 
-Results: OUTPUT_DIR/<task>-<dataset>.json and .md (few-shot adds a PNG); with
+Results: OUTPUT_DIR/<task>-<dataset>.json and .md (few-shot adds a PNG; zero-shot,
+linear-probe and retrieval add <task>-<dataset>.clip_benchmark.json in CLIP_benchmark's layout); with
 ``--mlflow-run-id`` (and/or ``--mlflow-tracking-uri``) metrics and files go into that run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clip-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--checkpoint", required=True, help="training run dir or OpenAI-layout .pt file")
+    p.add_argument("--checkpoint", required=True, help="training run dir, hf:DIR (Hugging Face CLIP dir) or OpenAI-layout .safetensors/.pt file")
     p.add_argument("--tag", default=None, help="checkpoint tag inside a run dir (default: latest complete)")
     p.add_argument("--allow-torchscript-code", action="store_true",
                    help="accept a TorchScript archive as --checkpoint (e.g. OpenAI's released .pt): "
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     from pretrain.eval.checkpoints import load_checkpoint
     from pretrain.eval.datasets import load_eval_dataset
     from pretrain.eval.features import FeatureCache
+    from pretrain.eval.clip_benchmark import to_clip_benchmark
     from pretrain.eval.report import write_results
 
     device = _device(args.device)
@@ -136,6 +140,11 @@ def run(args: argparse.Namespace) -> dict:
     res.update(checkpoint=str(args.checkpoint), checkpoint_fingerprint=fp, dataset_spec=args.dataset,
                split=args.split, indexing_problems=test.problems.counts)
     files = write_results(out_dir, f"{args.task}-{test.name}", res, md) + files
+    cb = to_clip_benchmark(res, model=Path(str(args.checkpoint)).name, pretrained=str(args.checkpoint))
+    if cb is not None:  # the same numbers in CLIP_benchmark's layout (pretrain/eval/clip_benchmark.py)
+        cb_path = out_dir / (re.sub(r"[^\w.\-]", "_", f"{args.task}-{test.name}") + ".clip_benchmark.json")
+        cb_path.write_text(json.dumps(cb, indent=2) + "\n", encoding="utf-8")
+        files.append(cb_path)
     print(md)
     print("wrote " + ", ".join(str(f) for f in files))
     if args.mlflow_run_id or args.mlflow_tracking_uri:

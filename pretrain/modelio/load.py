@@ -1,5 +1,5 @@
-"""One model loader: a training run dir of ours (any ZeRO stage), an OpenAI-layout
-state-dict file (also ``{"state_dict": ...}``-wrapped or ``module.``-prefixed), or a plain
+"""One model loader: a training run dir of ours (any ZeRO stage), a Hugging Face CLIP dir
+(pretrain/modelio/hf.py), an OpenAI-layout ``.safetensors`` file, or a state-dict pickle file (also ``{"state_dict": ...}``-wrapped or ``module.``-prefixed), or a plain
 state-dict file. Every pickle is read with ``torch.load(weights_only=True)``; the only
 non-tensor globals allowed are the few DeepSpeed writes into its checkpoint files
 (``DEEPSPEED_GLOBALS``), found by reading real ZeRO-0/1/2/3 saves of this trainer.
@@ -29,6 +29,7 @@ from typing import Any
 import fsspec
 import torch
 
+from pretrain.modelio.hf import is_hf_dir, read_hf_dir
 from pretrain.modelio.tags import CHECKPOINT_DIR, complete_tags, read_marker
 
 
@@ -130,14 +131,27 @@ def _is_torchscript(data: bytes) -> bool:
     return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in names)
 
 
+def _load_safetensors(data: bytes, spec: Any) -> dict[str, Any]:
+    """A ``.safetensors`` file: tensors only by construction (no pickle, nothing to run)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        return dict(load_safetensors(data))
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{spec}: not a valid safetensors file: {e}") from e
+
+
 def load_state_dict_file(spec: str | os.PathLike, *, allow_torchscript: bool = False) -> dict[str, Any]:
-    """A state dict from a local path or fsspec URL: plain, ``{"state_dict": ...}``-wrapped or
+    """A state dict from a local path or fsspec URL: ``.safetensors``, or a pickle: plain, ``{"state_dict": ...}``-wrapped or
     ``module.``-prefixed (unwrapped here). A TorchScript archive only with ``allow_torchscript``."""
     fs, path = fsspec.core.url_to_fs(str(spec))
     if not fs.isfile(path):
         raise FileNotFoundError(f"no such state-dict file: {spec}")
     with fs.open(path, "rb") as f:
         data = f.read()
+    if str(path).endswith(".safetensors"):
+        return _load_safetensors(data, spec)
     if _is_torchscript(data):
         if not allow_torchscript:
             raise TorchScriptRefused(
@@ -164,13 +178,20 @@ def load_state_dict_file(spec: str | os.PathLike, *, allow_torchscript: bool = F
 
 def load_model(spec: str | os.PathLike, *, tag: str | None = None, device: str | torch.device = "cpu",
                image_size: int | None = None, act: str | None = None, allow_torchscript: bool = False):
-    """A model in eval mode from a run dir or an OpenAI-layout file (``image_size``/``act``
-    apply to files only: a run dir's config fixes both)."""
+    """A model in eval mode from a run dir, a Hugging Face CLIP dir (``hf:DIR`` or a dir
+    holding config.json + model.safetensors) or an OpenAI-layout file (.safetensors or a
+    pickle). ``image_size`` applies to files and HF dirs, ``act`` to files only (a run dir's
+    and an HF dir's config fix it)."""
+    from pretrain.models import from_openai_state_dict
+
+    if str(spec).startswith("hf:") or is_hf_dir(spec):
+        sd, hf_overrides = read_hf_dir(spec)
+        return from_openai_state_dict(sd, image_size=image_size, **hf_overrides).to(device).eval()
     if os.path.isdir(spec):
         if not is_run_dir(spec):
-            raise ValueError(f"{spec}: a directory must be a training run dir (run_config.yaml + checkpoints/)")
+            raise ValueError(f"{spec}: a directory must be a training run dir (run_config.yaml + checkpoints/) "
+                             "or a Hugging Face CLIP dir (config.json + model.safetensors)")
         return load_model_from_run(spec, tag=tag, device=device)
-    from pretrain.models import from_openai_state_dict
 
     overrides = {"act": act} if act else {}
     sd = load_state_dict_file(spec, allow_torchscript=allow_torchscript)

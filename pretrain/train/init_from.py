@@ -1,7 +1,8 @@
 """`model.init_from`: start a fresh run from finished weights (e.g. ViT-L/14@336 from ViT-L/14).
 
     init_model_from(model, "runs/vit_l14")          # newest complete checkpoint, consolidated
-    init_model_from(model, "/weights/ViT-L-14.pt")  # an OpenAI-layout state dict file
+    init_model_from(model, "/weights/ViT-L-14.safetensors")  # an OpenAI-layout state dict file
+    init_model_from(model, "hf:/weights/clip-vit-base-patch32")  # a Hugging Face CLIP dir
 
 The source is loaded with `from_openai_state_dict(sd, image_size=model.image_size)`, so the
 image positional embedding is interpolated to this run's resolution; every other tensor
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.modelio import (TorchScriptRefused, UnsafeCheckpointError, consolidated_state_dict, is_run_dir,
-                              load_state_dict_file)
+from pretrain.modelio import (TorchScriptRefused, UnsafeCheckpointError, consolidated_state_dict, is_hf_dir,
+                              is_run_dir, load_state_dict_file, read_hf_dir)
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,10 @@ log = logging.getLogger(__name__)
 def load_source_state_dict(source: str | Path, allow_torchscript: bool = False) -> dict[str, Any]:
     """The weights `source` names: a run dir (consolidated fp32, any ZeRO stage) or a file,
     read weights-only by pretrain.modelio (a TorchScript file only with `allow_torchscript`)."""
-    path = Path(source)
+    path = Path(str(source).removeprefix("hf:"))
     try:
+        if str(source).startswith("hf:") or is_hf_dir(path):
+            return read_hf_dir(path)[0]
         if path.is_dir():
             if not is_run_dir(path):
                 raise ValueError("a directory must be a training run dir (run_config.yaml + checkpoints/)")
