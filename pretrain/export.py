@@ -8,7 +8,7 @@
 
 The newest complete checkpoint is used unless `--tag` names one; ZeRO shards (any stage)
 are consolidated on CPU. OUT's suffix (.safetensors / .pt) is replaced: the safetensors
-file is always written, the pickle only with `--pt`. Both load with pretrain.modelio
+file is always written, the pickle only with `--pt` (or when OUT ends in .pt). Both load with pretrain.modelio
 (and with OpenAI's / open_clip's loaders, which use the same key names; ``logit_scale`` is
 0-dim there). `--format hf` writes config.json, model.safetensors, the tokenizer files
 (OpenAI's BPE vocabulary, which the trainer uses) and
@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="openai: one state-dict file in OpenAI's layout; hf: a transformers CLIP dir")
     parser.add_argument("--pt", action="store_true", help="also write the OpenAI-layout weights as a .pt pickle")
     args = parser.parse_args(argv)
+    if args.fmt == "hf" and args.pt:
+        parser.error("--pt applies to --format openai only")
+    # An OUT named *.pt (the command before safetensors became the default) still gets its .pt.
+    pt = args.pt or (args.fmt == "openai" and Path(args.out).suffix == ".pt")
     try:
-        paths = export(args.run_dir, args.out, args.tag, fmt=args.fmt, pt=args.pt)
+        paths = export(args.run_dir, args.out, args.tag, fmt=args.fmt, pt=pt)
     except (FileNotFoundError, ValueError) as exn:
         print(f"clip-export: {exn}", file=sys.stderr)
         sys.exit(1)
