@@ -301,9 +301,9 @@ def main() -> None:
             e2e = run({**spec, "side": "e2e", "workers": e2e_workers, "image_px": args.e2e_image_px or (48 if dry else 256),
                        "max_images": 64 if dry else 2048, "steps": max(steps, 6 if dry else 30),
                        "warmup": max(warmup, 2 if dry else 5)})
-            feed = (f"{ours['samples_per_s'] * e2e['cpu_s_per_sample']:.2f}" if ours.get("fits", True) else "-")
+            feed = (f"{ours['samples_per_s'] * e2e['cpu_s_per_sample']:.3f}" if ours.get("fits", True) else "-")
             e2e_row = [name, batch, e2e_workers, f"{e2e['samples_per_s']:.1f}", f"{e2e['data_wait_frac']:.3f}",
-                       f"{e2e['loader_cores']:.2f}", f"{1000 * e2e['cpu_s_per_sample']:.3f}", feed]
+                       f"{e2e['loader_cores']:.3f}", f"{1000 * e2e['cpu_s_per_sample']:.3f}", feed]
             e2e_rows.append(e2e_row)
             print("e2e " + md_table(E2E_HEADERS, [e2e_row]).splitlines()[-1], flush=True)
     print()
