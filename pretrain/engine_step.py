@@ -126,7 +126,11 @@ def finish_step(engine, finite_loss_sum: float | torch.Tensor, finite_count: int
         device = engine.device
 
         def dev(x) -> torch.Tensor:
-            return torch.as_tensor(x, device=device).to(torch.float64).reshape(())
+            # A host number becomes a device fill (no copy); a tensor moves without a blocking
+            # copy: a blocking host-to-device copy would wait for the GPU's queued work.
+            if isinstance(x, torch.Tensor):
+                return x.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
+            return torch.full((), float(x), dtype=torch.float64, device=device)
 
         summed = torch.stack([dev(finite_loss_sum), dev(finite_count), dev(skipped)])
         if dist.is_available() and dist.is_initialized():

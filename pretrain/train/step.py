@@ -54,7 +54,7 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
     finite_n = torch.zeros((), dtype=torch.float64, device=device)
     any_bad = torch.zeros((), dtype=torch.bool, device=device)
     scale_value = torch.full((), float("nan"), device=device)
-    nan = torch.tensor(float("nan"), device=device)
+    nan = torch.full((), float("nan"), device=device)  # a fill, not a (blocking) host-to-device copy
     skipped = torch.zeros((), dtype=torch.float64)  # a host tensor: the loader's counts stay on the host
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
