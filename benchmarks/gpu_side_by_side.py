@@ -14,6 +14,15 @@ Each row is one fresh child process per side (an OOM or allocator state never le
   torch AdamW (fused), its SDPA attention, `torch.compile` of the model unless
   --no-compile, the same synthetic inputs on the device: open_clip's own training step
   (open_clip_train.train.train_one_epoch without data loading).
+- end-to-end (one more row per model, ours only): synthetic images encoded as JPEG into
+  webdataset shards of the project's layout (`KEY.jpg`, `KEY.txt`, `KEY.json` per sample,
+  written with pretrain.shards.tario.tar_bytes) in a temp dir, read through the trainer's
+  loader (pretrain.data.make_train_loader, `--e2e-workers` DataLoader workers, the
+  trainer's DevicePrefetcher on CUDA) into the real `train_step`. Printed: samples/s, the
+  data-wait fraction (time blocked on the loader / wall time), the loader workers' CPU
+  time (psutil) per second of wall over the timed steps, i.e. the cores the loader keeps
+  busy at the measured rate, the same per sample, and the cores per GPU the loader would
+  need to feed the synthetic-input row's rate (CPU per sample x that rate).
 Printed: samples/s, MFU (3 x forward FLOPs counted by FlopCounterMode on each side's own
 model / peak), peak memory, and ours / open_clip. Where open_clip is not importable, its
 column says so and why (install: scripts/fetch_gpu_wheels.sh), and our side still runs.
@@ -36,6 +45,8 @@ from _common import machine_line, md_table, run_child  # noqa: E402
 # open_clip's model names -> ours
 OURS = {"ViT-B-32": "ViT-B/32", "ViT-B-16": "ViT-B/16", "RN50": "RN50"}
 DRY_OURS = {"ViT-B-32": "ViT-tiny", "RN50": "RN-tiny"}
+E2E_HEADERS = ["model", "batch", "workers", "e2e samples/s", "data-wait fraction", "loader cores busy",
+               "loader CPU ms/sample", "cores/GPU to feed synthetic rate"]
 HEADERS = ["model", "batch", "ours samples/s", "ours MFU", "ours peak GiB", "open_clip samples/s",
            "open_clip MFU", "open_clip peak GiB", "ours / open_clip"]
 
@@ -96,9 +107,114 @@ def child_open_clip(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def write_jpeg_shards(root: Path, n_shards: int, per_shard: int, image_px: int, seed: int = 0) -> str:
+    """Synthetic JPEG shards (smooth random colour fields plus noise, so JPEG has real work)
+    in the project's shard layout; returns their brace pattern."""
+    import io  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    from pretrain.shards.tario import tar_bytes  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["cat", "dog", "red", "blue", "tree", "car", "house", "photo", "small", "large"]
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            key = f"{s:05d}{i:06d}"
+            coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            img = np.asarray(Image.fromarray(coarse).resize((image_px, image_px), Image.BILINEAR), dtype=np.int16)
+            img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=90)
+            caption = "a " + " ".join(rng.choice(words, 4)) + "."
+            meta = {"key": key, "caption": caption, "width": image_px, "height": image_px, "status": "success"}
+            samples.append((key, {"jpg": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(meta).encode()}))
+        (root / f"{s:05d}.tar").write_bytes(tar_bytes(samples))
+    return str(root / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def _cpu_seconds(procs: list) -> float:
+    import psutil  # noqa: PLC0415
+
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:  # a worker that ended: its time is lost (counted low)
+            pass
+    return total
+
+
+def child_e2e(spec: dict[str, Any]) -> dict[str, Any]:
+    """Our step fed by our loader from real JPEG shards (see the module docstring)."""
+    import tempfile  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from gpu_bench import build_bench  # noqa: PLC0415
+
+    from pretrain.data import DataSource, make_train_loader  # noqa: PLC0415
+    from pretrain.engine_step import read_back  # noqa: PLC0415
+    from pretrain.tokenizer import default_tokenizer  # noqa: PLC0415
+    from pretrain.train.prefetch import DevicePrefetcher  # noqa: PLC0415
+    from pretrain.train.step import compute_dtype, train_step  # noqa: PLC0415
+
+    b = build_bench(spec)
+    module, n = b.engine.module, spec["global_batch"]
+    total_steps = spec["warmup"] + spec["steps"]
+    workers = spec["workers"]
+    with tempfile.TemporaryDirectory(prefix="e2e_shards_") as tmp:
+        n_shards = max(2, workers)
+        per_shard = min(spec["max_images"], total_steps * n) // n_shards + 1  # the loader repeats them
+        pattern = write_jpeg_shards(Path(tmp), n_shards, per_shard, spec["image_px"])
+        loader = make_train_loader([DataSource(pattern)], tokenizer=default_tokenizer(),
+                                   image_size=module.image_size, micro_batch=n, num_workers=workers, seed=0,
+                                   epoch=0, rank=0, world_size=1, steps=total_steps,
+                                   context_length=module.context_length)
+        batches = iter(loader)
+        if b.device.type == "cuda":
+            batches = DevicePrefetcher(batches, b.device, compute_dtype(b.engine))
+        cuda = b.device.type == "cuda"
+        try:
+            pending = [train_step(b.engine, [next(batches)], b.loss_fn, defer=True) for _ in range(spec["warmup"])]
+            read_back(pending)
+            if cuda:
+                torch.cuda.synchronize()
+            # Worker CPU over the timed window, for the samples consumed in it: in a steady
+            # state the prefetch queue is as full at the end as at the start (full when the
+            # loader keeps up, empty when it does not), so the workers produced what the step
+            # consumed. Workers are the leaf processes (the fork server above them only forks).
+            procs = psutil.Process().children(recursive=True)
+            leaves = [p for p in procs if not any(q.ppid() == p.pid for q in procs)]
+            cpu0, t0, wait, pending = _cpu_seconds(leaves), time.perf_counter(), 0.0, []
+            for _ in range(spec["steps"]):
+                w = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - w
+                pending.append(train_step(b.engine, [batch], b.loss_fn, defer=True))
+            outs = read_back(pending)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            cpu = _cpu_seconds(leaves) - cpu0
+        finally:
+            batches.close()
+    samples = spec["steps"] * n
+    per_sample = cpu / samples
+    return {"samples_per_s": samples / wall, "data_wait_frac": min(1.0, wait / wall), "loader_cores": cpu / wall,
+            "cpu_s_per_sample": per_sample, "workers": workers, "loss": outs[-1].loss}
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["side"] == "open_clip":
         return child_open_clip(spec)
+    if spec["side"] == "e2e":
+        return child_e2e(spec)
     from gpu_bench import child_run  # noqa: PLC0415
 
     return child_run(spec)
@@ -126,6 +242,9 @@ def main() -> None:
                     help="run-config override for our side (repeatable), e.g. model.compile=blocks")
     ap.add_argument("--no-compile", action="store_true", help="open_clip without torch.compile")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--e2e-workers", type=int, default=None, help="loader workers of the end-to-end row "
+                    "(default 8; dry 1); 0 skips the row")
+    ap.add_argument("--e2e-image-px", type=int, default=None, help="stored JPEG side (default 256; dry 48)")
     ap.add_argument("--out-dir", default="/tmp/gpu_side_by_side")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -153,7 +272,8 @@ def main() -> None:
     print(f"# batch {batch}, bf16{' (fp32 on CPU)' if dry else ''}, {warmup} warm-up + {steps} timed steps; "
           f"our overrides: {' '.join(overrides) or 'none'}; open_clip: "
           f"{missing or ('torch.compile' if not args.no_compile else 'eager')}")
-    rows = []
+    rows, e2e_rows = [], []
+    e2e_workers = args.e2e_workers if args.e2e_workers is not None else (1 if dry else 8)
     for name in names:
         ours_name = table.get(name)
         if ours_name is None:
@@ -177,8 +297,20 @@ def main() -> None:
             row += [f"{theirs['samples_per_s']:.1f}", fmt_mfu(theirs, peak), f"{theirs['peak_gib']:.1f}", ratio]
         rows.append(row)
         print(md_table(HEADERS, [row]).splitlines()[-1], flush=True)
+        if e2e_workers > 0:
+            e2e = run({**spec, "side": "e2e", "workers": e2e_workers, "image_px": args.e2e_image_px or (48 if dry else 256),
+                       "max_images": 64 if dry else 2048, "steps": max(steps, 6 if dry else 30),
+                       "warmup": max(warmup, 2 if dry else 5)})
+            feed = (f"{ours['samples_per_s'] * e2e['cpu_s_per_sample']:.3f}" if ours.get("fits", True) else "-")
+            e2e_row = [name, batch, e2e_workers, f"{e2e['samples_per_s']:.1f}", f"{e2e['data_wait_frac']:.3f}",
+                       f"{e2e['loader_cores']:.3f}", f"{1000 * e2e['cpu_s_per_sample']:.3f}", feed]
+            e2e_rows.append(e2e_row)
+            print("e2e " + md_table(E2E_HEADERS, [e2e_row]).splitlines()[-1], flush=True)
     print()
     print(md_table(HEADERS, rows))
+    if e2e_rows:
+        print("\n# end to end: real JPEG shards through our loader into our step")
+        print(md_table(E2E_HEADERS, e2e_rows))
     if missing:
         print(f"\nopen_clip side skipped: {missing}")
 

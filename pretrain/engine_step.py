@@ -4,6 +4,7 @@
     from pretrain.engine_step import finish_step
     ...forward/backward of the step's micro-batches, engine.step() after all but the last...
     out = finish_step(engine, finite_loss_sum, finite_count, nonfinite, logit_scale, skipped)
+    # or, reading nothing back: pending = finish_step(..., defer=True); later read_back([pending, ...])
 
 `finish_step` is the step's ending, written once: `engine.step()` at the accumulation
 boundary (DeepSpeed clips the gradients to `gradient_clipping`, applies or skips the
@@ -71,8 +72,38 @@ def any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
     return t[0] > 0
 
 
+@dataclass
+class PendingStep:
+    """A step's figures still on the device (`finish_step(..., defer=True)`): `values` is a
+    float64 tensor [loss sum, finite count, skipped samples, non-finite flag, logit scale,
+    grad norm]; `applied` (and the norm, where the engine keeps it on the host) are already
+    host values, read back by the optimizer itself. `read_back` turns many of them into
+    StepOutputs with one transfer."""
+
+    values: torch.Tensor
+    applied: bool
+    host_norm: float | None  # the norm when the engine returned a host number (else None)
+    norm_on_device: bool
+
+    def output(self, values: list[float]) -> StepOutput:
+        total, n, skipped_all, bad, scale, dev_norm = values
+        norm = dev_norm if self.norm_on_device else self.host_norm
+        return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=bool(bad), applied=self.applied,
+                          grad_norm=float(norm) if norm is not None else None, logit_scale=scale,
+                          skipped_samples=int(skipped_all))
+
+
+def read_back(pending: list[PendingStep]) -> list[StepOutput]:
+    """The StepOutputs of deferred steps, in order, from one device-to-host transfer."""
+    if not pending:
+        return []
+    rows = torch.stack([p.values for p in pending]).tolist()  # the window's one read-back
+    return [p.output(row) for p, row in zip(pending, rows)]
+
+
 def finish_step(engine, finite_loss_sum: float | torch.Tensor, finite_count: int | torch.Tensor,
-                nonfinite: bool | torch.Tensor, logit_scale: float | torch.Tensor, skipped: int) -> StepOutput:
+                nonfinite: bool | torch.Tensor, logit_scale: float | torch.Tensor, skipped: int | torch.Tensor, *,
+                defer: bool = False) -> StepOutput | PendingStep:
     """The step's ending, after the last micro-batch's backward: the engine's boundary step
     (clip, then update or skip), then the step's metrics over all ranks: a collective, every
     rank calls it.
@@ -81,29 +112,32 @@ def finish_step(engine, finite_loss_sum: float | torch.Tensor, finite_count: int
     `nonfinite`: the ranks agreed that the step's loss was not finite; `skipped`: bad samples
     this rank's loader replaced in the step. Each may be a host number or a 0-d device
     tensor: the metrics (and the gradient norm when the engine keeps it as a tensor) are
-    gathered into one tensor and read back to the host once, in a single transfer.
+    gathered into one tensor and read back to the host once, in a single transfer; with
+    `defer` not at all: a PendingStep is returned (the trainer reads a logging window's
+    steps back together, `read_back`).
     """
     with record_function("step.optimizer"):
         engine.step()
     with record_function("step.stats"):
+        # DeepSpeed's ZeRO optimizers (and SkipNonFiniteAdamW) read their overflow check back
+        # to the host inside engine.step(): `applied` is a host bool already.
         applied = bool(engine.was_step_applied())
         norm = engine.get_global_grad_norm()
         device = engine.device
 
         def dev(x) -> torch.Tensor:
-            return torch.as_tensor(x, device=device).to(torch.float64).reshape(())
+            # A host number becomes a device fill (no copy); a tensor moves without a blocking
+            # copy: a blocking host-to-device copy would wait for the GPU's queued work.
+            if isinstance(x, torch.Tensor):
+                return x.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
+            return torch.full((), float(x), dtype=torch.float64, device=device)
 
-        summed = torch.stack([dev(finite_loss_sum), dev(finite_count), dev(float(skipped))])
+        summed = torch.stack([dev(finite_loss_sum), dev(finite_count), dev(skipped)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(summed)
-        local = [dev(nonfinite), dev(logit_scale)]
         norm_on_device = isinstance(norm, torch.Tensor)
-        if norm_on_device:
-            local.append(dev(norm.detach()))
-        values = torch.cat([summed, torch.stack(local)]).tolist()  # the step's one read-back
-    total, n, skipped_all, bad, scale = values[:5]
-    if norm_on_device:
-        norm = values[5]
-    return StepOutput(loss=total / n if n else float("nan"), loss_nonfinite=bool(bad), applied=applied,
-                      grad_norm=float(norm) if norm is not None else None, logit_scale=scale,
-                      skipped_samples=int(skipped_all))
+        local = torch.stack([dev(nonfinite), dev(logit_scale), dev(norm.detach()) if norm_on_device else dev(0.0)])
+        pending = PendingStep(torch.cat([summed, local]), applied, None if norm_on_device else norm, norm_on_device)
+    if defer:
+        return pending
+    return read_back([pending])[0]

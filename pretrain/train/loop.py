@@ -1,11 +1,16 @@
 """The training loop: `fit(cfg, env, device)` from a fresh or resumed run dir to the end.
 
 Per optimizer step: preemption check (all ranks agree) -> `grad_accum` micro-batches from
-the loader -> LR for this step -> `train_step` -> logit-scale clamp -> counters -> metrics
-(every `logging.every_steps`) -> non-finite stop check -> checkpoint (every
-`checkpoint.every_steps` and at the end) -> evaluation (every `eval.every_steps` and at
-the end). Returns the process exit code; raises `NonFiniteError` after saving a checkpoint
-when `train.max_consecutive_nonfinite` steps in a row were skipped.
+the loader -> LR for this step -> `train_step` -> logit-scale clamp -> (every `logging.every_steps`:
+read the buffered steps' figures back in one transfer, counters, metrics) -> non-finite
+stop check -> checkpoint (every `checkpoint.every_steps` and at the end) -> evaluation
+(every `eval.every_steps` and at the end). The plain step's loss, non-finite flag, logit
+scale and skipped-sample counts stay on the device between read-backs (also done before a
+checkpoint, an evaluation or a preemption save), and the counters are then computed from
+each buffered step in order: they equal those of a read-back every step. Returns the
+process exit code; raises `NonFiniteError` after saving a checkpoint when
+`train.max_consecutive_nonfinite` steps in a row were skipped, detected at the first
+read-back after the limit was reached (so up to `logging.every_steps - 1` later).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from pretrain.config import RunConfig, flatten
 from pretrain.data import DataSource, make_train_loader
+from pretrain.engine_step import PendingStep, read_back
 from pretrain.gradcache import gradcache_train_step
 from pretrain.loss import get_loss
 from pretrain.tokenizer import default_tokenizer
@@ -102,6 +108,10 @@ class _Trainer:
             log.info("gradient caching: %d chunks of %d per rank and step", accum, cfg.train.micro_batch)
         self.evaluator = PeriodicEval(cfg, self.tokenizer, run_dir, env.rank)
         self.meter = WindowMeter()
+        # Steps whose figures are still on the device: (step, data_s, lr, PendingStep or StepOutput).
+        self.pending: list[tuple] = []
+        self.last_out = None
+        self.limit_step: int | None = None  # the step at which max_consecutive_nonfinite was reached
 
     def run(self, preempt: PreemptionFlag) -> tuple[int, str]:
         state = self.state
@@ -114,6 +124,7 @@ class _Trainer:
             try:
                 while state.step_in_epoch < self.per_epoch and state.step < self.total:
                     if preempt.requested(self.device):
+                        self._drain()
                         self.save()
                         # slurm/common.sh greps this line (before the parenthesis) to requeue
                         log.warning("preempted: checkpoint saved at step %d (%s, exit %d)", state.step,
@@ -152,25 +163,42 @@ class _Trainer:
         lr = lr_at(state.step, self.cfg, self.total)
         set_lr(self.engine.optimizer, lr)
         inject = self.env.rank == 0 and (state.step + 1) in t.debug_nan_at_steps
-        out = self.step_fn(self.engine, micro, self.loss_fn, inject_nan=inject)
-        if out.applied:
+        # The plain step's figures stay on the device (defer): read back every logging step.
+        defer = {"defer": True} if self.step_fn is train_step else {}
+        out = self.step_fn(self.engine, micro, self.loss_fn, inject_nan=inject, **defer)
+        if out.applied:  # a host bool: the optimizer's own overflow check read it back
             clamp_logit_scale(self.engine.module.logit_scale, t.max_logit_log_scale)
         state.step += 1
         state.step_in_epoch += 1
-        state.skipped_samples += out.skipped_samples
-        # fp16's loss scaler skips overflowing steps by design; only a non-finite loss counts
-        # there. In bf16/fp32 any skipped update is a non-finite step.
-        if out.loss_nonfinite or (not out.applied and t.precision != "fp16"):
-            state.nonfinite_steps += 1
-            state.consecutive_nonfinite += 1
-            log.warning("step %d: non-finite %s; update skipped (%d in a row)", state.step,
-                        "loss" if out.loss_nonfinite else "gradient", state.consecutive_nonfinite)
-        else:
-            state.consecutive_nonfinite = 0
-            state.overflow_steps += int(not out.applied)
-        self.meter.add(t.global_batch, data_s, out.loss)
+        self.pending.append((state.step, data_s, lr, out))
         if state.step % self.cfg.logging.every_steps == 0 or state.step == self.total:
-            self._log(out, lr)
+            self._drain()
+            self._log(self.last_out, lr)
+
+    def _drain(self) -> None:
+        """Read the buffered steps' figures back (one transfer) and account for them in order,
+        exactly as if each step had been read back when it ended: counters, warnings, the
+        meter, and the step at which `train.max_consecutive_nonfinite` was reached."""
+        t, state = self.cfg.train, self.state
+        pending, self.pending = self.pending, []
+        resolved = iter(read_back([out for *_, out in pending if isinstance(out, PendingStep)]))
+        for step, data_s, _lr, out in pending:
+            out = next(resolved) if isinstance(out, PendingStep) else out
+            state.skipped_samples += out.skipped_samples
+            # fp16's loss scaler skips overflowing steps by design; only a non-finite loss counts
+            # there. In bf16/fp32 any skipped update is a non-finite step.
+            if out.loss_nonfinite or (not out.applied and t.precision != "fp16"):
+                state.nonfinite_steps += 1
+                state.consecutive_nonfinite += 1
+                log.warning("step %d: non-finite %s; update skipped (%d in a row)", step,
+                            "loss" if out.loss_nonfinite else "gradient", state.consecutive_nonfinite)
+                if state.consecutive_nonfinite >= t.max_consecutive_nonfinite and self.limit_step is None:
+                    self.limit_step = step
+            else:
+                state.consecutive_nonfinite = 0
+                state.overflow_steps += int(not out.applied)
+            self.meter.add(t.global_batch, data_s, out.loss)
+            self.last_out = out
 
     def _log(self, out, lr: float) -> None:
         state = self.state
@@ -190,16 +218,22 @@ class _Trainer:
 
     def _after_step(self) -> None:
         state, t = self.state, self.cfg.train
-        if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-            self.save()  # skipped steps changed no weights: this is the last good state
-            raise NonFiniteError(
-                f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
-                f"(train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopped at step "
-                f"{state.step}, checkpoint {ckpt.tag_for(state.step)} holds the last good weights")
         every = self.cfg.checkpoint.every_steps
-        if (every > 0 and state.step % every == 0) or state.step == self.total:
+        checkpoint = (every > 0 and state.step % every == 0) or state.step == self.total
+        evaluate = self.evaluator.due(state.step, self.total)
+        if checkpoint or evaluate:
+            self._drain()  # the saved counters are exact; nothing is pending across a boundary
+        if self.limit_step is not None:
+            # Detected at the read-back after the limit was reached (`logging.every_steps`
+            # bounds the delay): the checkpoint holds the weights as of this step.
             self.save()
-        if self.evaluator.due(state.step, self.total):
+            raise NonFiniteError(
+                f"{t.max_consecutive_nonfinite} consecutive steps with a non-finite loss or gradient up to step "
+                f"{self.limit_step} (train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopped at "
+                f"step {state.step}, checkpoint {ckpt.tag_for(state.step)}")
+        if checkpoint:
+            self.save()
+        if evaluate:
             results = self.evaluator.run(self.engine, state.step)
             self.tracker.log_metrics(results, state.step)
             if self.env.is_main:

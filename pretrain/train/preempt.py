@@ -63,10 +63,14 @@ class PreemptionFlag:
             self.signum = signum
 
     def requested(self, device: torch.device) -> bool:
-        """Collective: True on every rank when any rank received a preemption signal."""
-        flag = torch.tensor([_RANK.get(self.signum, 0.0)], device=device)
+        """Collective: True on every rank when any rank received a preemption signal.
+
+        The flag is agreed on over a CPU (gloo) group, never on the accelerator: reading an
+        NCCL result back would wait for all the GPU work queued before it, once per step.
+        `device` is kept for the callers; the flag itself lives on the host."""
+        flag = torch.tensor([_RANK.get(self.signum, 0.0)])
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group())
         code = flag.item()
         if code <= 0:
             return False
@@ -74,6 +78,15 @@ class PreemptionFlag:
         own = signal.Signals(self.signum).name if self.signum is not None else "none here"
         log.warning("preemption requested: %s (this rank: %s)", self.agreed.name, own)
         return True
+
+    def _host_group(self):
+        """The default group when it is gloo already, else a gloo group of all ranks (created
+        at the first check, which every rank reaches at the same point)."""
+        if dist.get_backend() == "gloo":
+            return None
+        if getattr(self, "_gloo", None) is None:
+            self._gloo = dist.new_group(backend="gloo")
+        return self._gloo
 
     @property
     def exit_code(self) -> int:

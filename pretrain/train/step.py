@@ -8,8 +8,10 @@ boundary. Non-finite values are handled the same way at every ZeRO stage and pre
   "bad"), so every rank knows when any rank's loss is NaN/Inf; then every rank
   backpropagates a NaN-scaled loss, which makes all gradients NaN on all ranks;
 - the loss, the flag and the logit scale stay on the device: the step reads nothing back
-  to the host until `finish_step`, which reads the step's figures back in one transfer (the
-  engine's own overflow check under ZeRO-1/2/3 reads back its gradient norm as well);
+  to the host until `finish_step`, which reads the step's figures back in one transfer, or
+  with `defer=True` not at all (the trainer reads them back every `logging.every_steps`);
+  the optimizer's own overflow check (DeepSpeed's ZeRO-1/2/3 optimizers, SkipNonFiniteAdamW
+  under ZeRO-0) reads back its gradient norm inside `engine.step()` all the same;
 - DeepSpeed's ZeRO-1/2/3 optimizers (all precisions) skip a step whose global gradient norm
   is not finite, and `SkipNonFiniteAdamW` does it for ZeRO-0 fp32; a gradient that turns
   non-finite with a finite loss is caught by the same check;
@@ -28,18 +30,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.profiler import record_function
 
-from pretrain.engine_step import StepOutput, any_rank_tensor, compute_dtype, finish_step
+from pretrain.engine_step import PendingStep, StepOutput, any_rank_tensor, compute_dtype, finish_step
 
 __all__ = ["StepOutput", "compute_dtype", "train_step"]
 
 
 def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., torch.Tensor], *,
-               inject_nan: bool = False) -> StepOutput:
+               inject_nan: bool = False, defer: bool = False) -> StepOutput | PendingStep:
     """Forward/backward every micro-batch of one optimizer step, then the engine's update.
 
     `micro_batches`: dicts with "images" [b,3,S,S] float, "tokens" [b,ctx] long and
     optionally "skipped" (bad samples replaced in that batch). `inject_nan` makes this
-    rank's first micro-batch loss NaN (the trainer's test hook).
+    rank's first micro-batch loss NaN (the trainer's test hook). With `defer` the step reads
+    nothing back and returns a PendingStep (pretrain.engine_step.read_back resolves it).
     """
     accum = engine.gradient_accumulation_steps()
     if len(micro_batches) != accum:
@@ -51,13 +54,13 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
     finite_n = torch.zeros((), dtype=torch.float64, device=device)
     any_bad = torch.zeros((), dtype=torch.bool, device=device)
     scale_value = torch.full((), float("nan"), device=device)
-    nan = torch.tensor(float("nan"), device=device)
-    skipped = 0
+    nan = torch.full((), float("nan"), device=device)  # a fill, not a (blocking) host-to-device copy
+    skipped = torch.zeros((), dtype=torch.float64)  # a host tensor: the loader's counts stay on the host
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
         images = batch["images"].to(device, dtype=dtype, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
-        skipped += int(batch.get("skipped", 0))
+        skipped = skipped + torch.as_tensor(batch.get("skipped", 0), dtype=torch.float64).sum()  # no int(): no read-back
         # (img, txt, scale) or, for a model with a SigLIP logit bias, (img, txt, scale, bias):
         # the extra output goes to the loss as its 4th argument.
         with record_function("step.forward"):
@@ -82,4 +85,4 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
         if i < last:
             with record_function("step.optimizer"):  # not a boundary: advances the micro-step counter only
                 engine.step()
-    return finish_step(engine, finite_sum, finite_n, any_bad, scale_value, skipped)
+    return finish_step(engine, finite_sum, finite_n, any_bad, scale_value, skipped, defer=defer)
