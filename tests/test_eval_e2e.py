@@ -141,7 +141,8 @@ def test_cli_on_openai_file_with_cache_and_mlflow(trained: Trained, tmp_path: Pa
     key = f"eval/zeroshot/{DATASET}/metrics/top1"
     assert run.data.metrics[key] == pytest.approx(trained.zeroshot["top1"])
     names = {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert names == {f"eval/zeroshot-{DATASET}.json", f"eval/zeroshot-{DATASET}.md"}
+    assert names == {f"eval/zeroshot-{DATASET}.json", f"eval/zeroshot-{DATASET}.md",
+                     f"eval/zeroshot-{DATASET}.clip_benchmark.json"}
 
     common = ["--checkpoint", str(trained.checkpoint), "--output-dir", str(tmp_path / "out"),
               "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0", "--quiet"]

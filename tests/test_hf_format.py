@@ -200,12 +200,12 @@ def trained_vit(tmp_path_factory):
 def test_trained_run_exports_safetensors_and_hf(trained_vit, tmp_path, tok):
     from pretrain.modelio import load_model_from_run
 
-    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(trained_vit), str(tmp_path / "w.pt")],
+    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(trained_vit), str(tmp_path / "w.safetensors")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "w.safetensors").is_file() and not (tmp_path / "w.pt").exists()
     proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(trained_vit), str(tmp_path / "hf"),
-                           "--format", "hf", "--pt"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           "--format", "hf"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     live = load_model_from_run(trained_vit)
     images, tokens = torch.randn(2, 3, 32, 32), tok(TEXTS[:3])

@@ -101,7 +101,8 @@ def evaluate(out: Path, run_dir: Path, dataset: str, limit: int, shots: str) -> 
     for task, extra in (("zeroshot", []), ("few-shot", ["--shots", shots, "--seeds", "3", "--train-limit", "2000"])):
         task_out = out / "eval" / task
         _run([sys.executable, "-m", "pretrain.eval", task, *common, "--output-dir", str(task_out), *extra])
-        results[task] = json.loads(Path(sorted(glob.glob(str(task_out / "*.json")))[0]).read_text())
+        own = [p for p in sorted(glob.glob(str(task_out / "*.json"))) if not p.endswith(".clip_benchmark.json")]
+        results[task] = json.loads(Path(own[0]).read_text())
         for md in sorted(glob.glob(str(task_out / "*.md"))):
             print(Path(md).read_text())
     return results
