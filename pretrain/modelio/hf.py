@@ -25,9 +25,30 @@ HF_PICKLE_WEIGHTS = "pytorch_model.bin"
 # our activation names -> transformers' hidden_act (the same functions)
 _ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 _ACT_FROM_HF = {v: k for k, v in _ACT_TO_HF.items()}
-# per-block names: OpenAI layout -> transformers (q/k/v are split out of in_proj)
+# One table per name pair, OpenAI layout -> transformers; both converters read it, so the
+# two directions cannot drift apart. Per block (q/k/v are split out of in_proj separately):
 _BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
           "attn.out_proj": "self_attn.out_proj"}
+# Outside the blocks: (ours, transformers', stored transposed). transformers keeps the
+# projections as nn.Linear weights (out x in), OpenAI as x @ proj matrices (in x out).
+_TOP = [
+    ("token_embedding.weight", "text_model.embeddings.token_embedding.weight", False),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight", False),
+    ("ln_final.weight", "text_model.final_layer_norm.weight", False),
+    ("ln_final.bias", "text_model.final_layer_norm.bias", False),
+    ("text_projection", "text_projection.weight", True),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding", False),
+    ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", False),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", False),
+    ("visual.ln_pre.weight", "vision_model.pre_layrnorm.weight", False),  # sic: transformers' name
+    ("visual.ln_pre.bias", "vision_model.pre_layrnorm.bias", False),
+    ("visual.ln_post.weight", "vision_model.post_layernorm.weight", False),
+    ("visual.ln_post.bias", "vision_model.post_layernorm.bias", False),
+    ("visual.proj", "visual_projection.weight", True),
+]
+# (our tower prefix, transformers' tower prefix)
+_TOWERS = [("transformer.resblocks.", "text_model.encoder.layers."),
+           ("visual.transformer.resblocks.", "vision_model.encoder.layers.")]
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -46,36 +67,18 @@ def openai_to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         raise ValueError("transformers' CLIPModel has no ModifiedResNet image tower: only ViT models "
                          "can be written in Hugging Face format")
     out: dict[str, torch.Tensor] = {}
-
-    def blocks(src: str, dst: str) -> None:
-        for i in range(_n_layers(sd, src)):
-            s, d = f"{src}{i}.", f"{dst}{i}."
+    for ours, theirs in _TOWERS:
+        for i in range(_n_layers(sd, ours)):
+            s, d = f"{ours}{i}.", f"{theirs}{i}."
             for a, b in _BLOCK.items():
                 for p in ("weight", "bias"):
                     out[d + b + "." + p] = sd[s + a + "." + p]
             for p in ("weight", "bias"):
-                q, k, v = sd[s + "attn.in_proj_" + p].chunk(3, dim=0)
-                out[d + "self_attn.q_proj." + p], out[d + "self_attn.k_proj." + p] = q, k
-                out[d + "self_attn.v_proj." + p] = v
-
-    blocks("transformer.resblocks.", "text_model.encoder.layers.")
-    blocks("visual.transformer.resblocks.", "vision_model.encoder.layers.")
-    out.update({
-        "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
-        "text_model.final_layer_norm.weight": sd["ln_final.weight"],
-        "text_model.final_layer_norm.bias": sd["ln_final.bias"],
-        "text_projection.weight": sd["text_projection"].t(),
-        "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
-        "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
-        "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
-        "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"],  # sic: transformers' name
-        "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
-        "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
-        "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
-        "visual_projection.weight": sd["visual.proj"].t(),
-        "logit_scale": sd["logit_scale"].reshape(()),
-    })
+                for x, t in zip("qkv", sd[s + "attn.in_proj_" + p].chunk(3, dim=0)):
+                    out[d + f"self_attn.{x}_proj." + p] = t
+    for ours, theirs, transposed in _TOP:
+        out[theirs] = sd[ours].t() if transposed else sd[ours]
+    out["logit_scale"] = sd["logit_scale"].reshape(())
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
@@ -86,35 +89,18 @@ def hf_to_openai_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     if missing:
         raise ValueError(f"not a transformers CLIPModel state dict (with projections): missing {missing}")
     sd: dict[str, torch.Tensor] = {}
-
-    def blocks(src: str, dst: str) -> None:
-        for i in range(_n_layers(hf, src)):
-            s, d = f"{src}{i}.", f"{dst}{i}."
-            for a, b in _BLOCK.items():
-                for p in ("weight", "bias"):
-                    sd[d + a + "." + p] = hf[s + b + "." + p]
-            for p in ("weight", "bias"):
-                sd[d + "attn.in_proj_" + p] = torch.cat([hf[s + f"self_attn.{x}_proj." + p] for x in "qkv"])
-
     try:
-        blocks("text_model.encoder.layers.", "transformer.resblocks.")
-        blocks("vision_model.encoder.layers.", "visual.transformer.resblocks.")
-        sd.update({
-            "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
-            "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
-            "ln_final.weight": hf["text_model.final_layer_norm.weight"],
-            "ln_final.bias": hf["text_model.final_layer_norm.bias"],
-            "text_projection": hf["text_projection.weight"].t(),
-            "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
-            "visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
-            "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
-            "visual.ln_pre.weight": hf["vision_model.pre_layrnorm.weight"],
-            "visual.ln_pre.bias": hf["vision_model.pre_layrnorm.bias"],
-            "visual.ln_post.weight": hf["vision_model.post_layernorm.weight"],
-            "visual.ln_post.bias": hf["vision_model.post_layernorm.bias"],
-            "visual.proj": hf["visual_projection.weight"].t(),
-            "logit_scale": hf["logit_scale"].reshape(()),
-        })
+        for ours, theirs in _TOWERS:
+            for i in range(_n_layers(hf, theirs)):
+                s, d = f"{theirs}{i}.", f"{ours}{i}."
+                for a, b in _BLOCK.items():
+                    for p in ("weight", "bias"):
+                        sd[d + a + "." + p] = hf[s + b + "." + p]
+                for p in ("weight", "bias"):
+                    sd[d + "attn.in_proj_" + p] = torch.cat([hf[s + f"self_attn.{x}_proj." + p] for x in "qkv"])
+        for ours, theirs, transposed in _TOP:
+            sd[ours] = hf[theirs].t() if transposed else hf[theirs]
+        sd["logit_scale"] = hf["logit_scale"].reshape(())
     except KeyError as e:
         raise ValueError(f"not a transformers CLIPModel state dict: missing {e}") from None
     used = len(sd) + 2 * sum(1 for k in sd if "in_proj_" in k)  # each in_proj came from 3 tensors
