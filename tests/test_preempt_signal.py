@@ -112,7 +112,7 @@ def test_sigterm_to_the_process_group_of_a_deepspeed_launch_checkpoints_and_resu
     data = caption_data(tmp_path / "data", corrupt=False)
     overrides = tiny_overrides(data, steps=steps, extra=["--data.workers=2", "--logging.mlflow=false"])
     run_dir = tmp_path / "run"
-    proc, t0 = start(run_dir, overrides), time.monotonic()
+    proc, t0 = start(run_dir, overrides, launcher="cli"), time.monotonic()
     text, _ = read_until(proc, rf"step 2/{steps} ")
     os.killpg(proc.pid, signal.SIGTERM)  # scancel / preemption / time limit: every process of the job
     first = finish(proc, run_dir, t0, 180, text)  # the output pipe closes when every process is gone
@@ -126,7 +126,7 @@ def test_sigterm_to_the_process_group_of_a_deepspeed_launch_checkpoints_and_resu
     tag = run_dir / "checkpoints" / f"step_{saved:08d}"
     assert (tag / "COMPLETE").is_file(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
-    second = launch(run_dir, overrides, timeout=240)
+    second = launch(run_dir, overrides, timeout=240, launcher="cli")
     assert second.rc == 0, second.output[-4000:]
     assert f"resumed from {tag}" in second.output, second.output[-4000:]
     assert max(metrics(run_dir)) == steps

@@ -50,7 +50,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("straight") / "run", overrides(data, every=4))
+    return launch(tmp_path_factory.mktemp("straight") / "run", overrides(data, every=4), launcher="cli")
 
 
 @pytest.fixture(scope="module")

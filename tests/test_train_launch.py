@@ -56,7 +56,7 @@ def vit_bf16_offload(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("vit_z1_bf16_offload") / "run"
     extra = VIT + ["--train.offload_optimizer=true", "--optimizer.impl=torch", "--logging.mlflow=false"]
     return launch(run_dir, tiny_overrides(data, model="ViT-tiny", stage=1, precision="bf16", steps=40,
-                                          micro_batch=8, lr=5e-4, extra=extra))
+                                          micro_batch=8, lr=5e-4, extra=extra), launcher="cli")
 
 
 def test_vit_zero1_bf16_offload_learns(vit_bf16_offload):
