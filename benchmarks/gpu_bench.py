@@ -78,6 +78,21 @@ class Bench:
     fwd_flops_per_sample: float
 
 
+def bench_config(spec: dict[str, Any]):
+    """The trainer's typed run config for `spec` (raises on a bad `extra` override). Cheap:
+    no engine, no process group, so a caller can check its overrides before any child runs."""
+    from pretrain.config import load_config  # noqa: PLC0415
+
+    total = spec["global_batch"]
+    overrides = [f"--output_dir={spec['out_dir']}", f"--model.name={spec['model']}",
+                 f"--model.grad_checkpointing={str(spec['ckpt']).lower()}",
+                 f"--train.precision={spec['precision']}", "--train.zero_stage=1",
+                 f"--train.global_batch={total}", f"--train.micro_batch={spec['micro_batch']}",
+                 "--data.sources=unused.tar", f"--data.samples_per_epoch={total * 1000}",
+                 "--logging.mlflow=false"] + spec.get("extra", [])
+    return load_config(None, overrides)
+
+
 def build_bench(spec: dict[str, Any]) -> Bench:
     """In this process: the trainer's run config, backend settings and DeepSpeed engine
     (ZeRO-1) for `spec`, and synthetic inputs for one optimizer step. Also used by
@@ -85,7 +100,6 @@ def build_bench(spec: dict[str, Any]) -> Bench:
     import torch  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
-    from pretrain.config import load_config  # noqa: PLC0415
     from pretrain.loss import get_loss  # noqa: PLC0415
     from pretrain.train import distributed  # noqa: PLC0415
     from pretrain.train.backends import configure_backends  # noqa: PLC0415
@@ -95,13 +109,7 @@ def build_bench(spec: dict[str, Any]) -> Bench:
     env = distributed.detect_env()
     device = distributed.init(env, 600)
     micro, total = spec["micro_batch"], spec["global_batch"]
-    overrides = [f"--output_dir={spec['out_dir']}", f"--model.name={spec['model']}",
-                 f"--model.grad_checkpointing={str(spec['ckpt']).lower()}",
-                 f"--train.precision={spec['precision']}", "--train.zero_stage=1",
-                 f"--train.global_batch={total}", f"--train.micro_batch={micro}",
-                 "--data.sources=unused.tar", f"--data.samples_per_epoch={total * 1000}",
-                 "--logging.mlflow=false"] + spec.get("extra", [])
-    cfg = load_config(None, overrides)
+    cfg = bench_config(spec)
     configure_backends(cfg.train, device)  # as the trainer does (cuDNN benchmark mode on CUDA)
     engine, _ = build_engine(cfg, 1)
     model = engine.module

@@ -281,6 +281,12 @@ def main() -> None:
         spec = {"side": "ours", "model": ours_name, "ckpt": False, "precision": "fp32" if dry else "bf16",
                 "micro_batch": batch, "global_batch": batch, "steps": steps, "warmup": warmup,
                 "out_dir": args.out_dir, "extra": [f"--{o}" for o in overrides]}
+        if name == names[0]:  # a bad --override fails here, before any child builds an engine
+            from gpu_bench import bench_config  # noqa: PLC0415
+            try:
+                bench_config(spec)
+            except (ValueError, SystemExit) as e:
+                sys.exit(f"bad --override: {e}")
         ours = run(spec)
         row = [name, batch]
         if not ours.get("fits", True):
