@@ -210,8 +210,21 @@ def requirements() -> list[str]:
     return reqs
 
 
+def input_example() -> pd.DataFrame:
+    """A text row and an image row (an 8 x 8 grey PNG): stored with the model as MLflow's
+    serving example, and run through the model once when it is logged (MLflow's check)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buf, "PNG")
+    return pd.DataFrame({TEXT: ["a photo of a cat.", None], IMAGE: [None, buf.getvalue()]})
+
+
 def _flavor_kwargs(data_dir: Path) -> dict[str, Any]:
     return {"loader_module": LOADER_MODULE, "data_path": str(data_dir), "signature": SIGNATURE,
+            "input_example": input_example(),
             "pip_requirements": requirements(), "metadata": {"format": FORMAT, "format_version": FORMAT_VERSION},
             # the load-time options' defaults (MLflow passes model_config only to models logged with one)
             "model_config": {"device": "auto", "batch_size": DEFAULT_BATCH}}
