@@ -234,6 +234,8 @@ def test_random_init_logged_loaded_checked_and_bad_inputs(server, client, tmp_pa
     got_t, got_i = as_arrays(model.predict(mixed_frame(imgs)), len(TEXTS))  # batch_size 2: split batches
     np.testing.assert_allclose(got_t, want_t, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got_i, want_i, atol=1e-5, rtol=0)
+    by_run = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", model_config={"device": "cpu"})
+    np.testing.assert_allclose(as_arrays(by_run.predict(mixed_frame(imgs)), len(TEXTS))[0], want_t, atol=1e-5)
 
     # bad inputs: clear errors naming the row, nothing crashes
     cases = [(pd.DataFrame({"image": [imgs[0], b"\x89PNG\r\n\x1a\n broken"]}), "row 1: 'image' is not a usable image"),

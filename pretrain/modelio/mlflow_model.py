@@ -252,10 +252,19 @@ def log_mlflow_model(model, tokenizer, *, tracking_uri: str, run_id: str, name: 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)  # Model.log and the registry use the global URI
     try:
+        extra: dict[str, Any] = {}
+        client = mlflow.MlflowClient(tracking_uri)
+        if hasattr(client, "create_logged_model"):  # MLflow >= 3: models are entities of their own
+            # Created here in the run's experiment: Model.log without an active run would put it
+            # in the default experiment, where `runs:/<run id>/<name>` does not find it.
+            run = client.get_run(run_id)
+            extra["model_id"] = client.create_logged_model(
+                experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
+                params=dict(run.data.params), model_type="clip-embedder").model_id
         with tempfile.TemporaryDirectory(prefix="clip-mlflow-") as tmp:
             data = write_model_data(model, tokenizer, Path(tmp) / DATA_DIR)
             return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, step=step,
-                             registered_model_name=registered_model_name or None, **_flavor_kwargs(data))
+                             registered_model_name=registered_model_name or None, **extra, **_flavor_kwargs(data))
     finally:
         mlflow.set_tracking_uri(previous)
 
