@@ -146,7 +146,9 @@ def test_a_finished_run_logs_and_registers_a_model_that_embeds_like_ours(trained
 
 
 def _serve(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    # `--env-manager local` runs uvicorn from PATH: the virtualenv's bin first
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager",

@@ -12,8 +12,9 @@
     curl -d '{"dataframe_records": [{"text": "a cat"}, {"image": "<base64 JPEG/PNG>"}]}' \\
          -H 'Content-Type: application/json' 127.0.0.1:5001/invocations
 
-Input: a DataFrame with a ``text`` column (str) and/or an ``image`` column (encoded JPEG/PNG/...
-bytes; base64 in JSON, as MLflow encodes binary columns); a row may have either or both.
+Input: a DataFrame with a ``text`` column (str) and/or an ``image`` column (an encoded
+JPEG/PNG/... image: ``bytes``, or a base64 string, which is how JSON carries it); a row may
+have either or both, a missing value is None/NaN.
 Images get the project's one eval transform (`pretrain.data.EvalTransform`: OpenAI's resize,
 centre crop and normalisation, with the shards' pixel cap), texts the model's own tokenizer,
 so the embeddings equal ``F.normalize(model.encode_image/encode_text(...))`` of the trainer's
@@ -70,8 +71,11 @@ DEFAULT_BATCH = 32
 REQUIREMENTS = ("clip-pretrain", "mlflow", "torch", "safetensors", "tokenizers", "ftfy", "pillow", "simplejpeg",
                 "numpy", "pandas", "fsspec", "pyyaml")
 
+# `image` is declared a string column: MLflow's JSON parser base64-decodes a binary column
+# value by value and fails on the nulls of rows without an image; a string column passes
+# base64 text (JSON) and raw bytes (Python) through, and predict decodes the former.
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(DataType.string, TEXT, required=False), ColSpec(DataType.binary, IMAGE, required=False)]),
+    inputs=Schema([ColSpec(DataType.string, TEXT, required=False), ColSpec(DataType.string, IMAGE, required=False)]),
     outputs=Schema([ColSpec(Array(DataType.float), TEXT_OUT, required=False),
                     ColSpec(Array(DataType.float), IMAGE_OUT, required=False)]),
 )
@@ -155,7 +159,7 @@ class ClipEmbedder:
     def _image_bytes(row: int, value: Any) -> bytes:
         if isinstance(value, (bytes, bytearray, memoryview)):
             return bytes(value)
-        if isinstance(value, str):  # base64, as MLflow's JSON encodes binary columns
+        if isinstance(value, str):  # base64: how JSON requests carry images
             try:
                 return base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
