@@ -122,6 +122,9 @@ def test_a_finished_run_logs_and_registers_a_model_that_embeds_like_ours(trained
     run_id = (trained.run_dir / "mlflow_run_id.txt").read_text().strip()
     assert f"mlflow: logged the final model as runs:/{run_id}/model" in trained.output, trained.output[-4000:]
     assert f"registered as {NAME} version 1" in trained.output
+    # MLflow ran the stored input example through the model when it was logged
+    assert "Validating input example" in trained.output
+    assert "Failed to validate serving input example" not in trained.output, trained.output[-4000:]
     versions = client.search_model_versions(f"name='{NAME}'")
     assert [(v.version, v.run_id) for v in versions] == [("1", run_id)]
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -198,7 +201,9 @@ def test_clip_export_mlflow_and_mlflow_models_serve(trained, tmp_path):
         if not up:
             pytest.skip("`mlflow models serve --env-manager local` did not answer /ping within 120 s: "
                         + (tmp_path / "serve.log").read_text()[-1500:])
-        records = [{"text": t} for t in TEXTS] + [{"image": base64.b64encode(b).decode()} for b in imgs]
+        # plain and MIME-style (line-broken, as MLflow's own encoder writes) base64
+        records = [{"text": t} for t in TEXTS] + [{"image": base64.b64encode(imgs[0]).decode()}] + [
+            {"image": base64.encodebytes(b).decode()} for b in imgs[1:]]
         status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": records})
         assert status == 200, body
         got = pd.DataFrame(body["predictions"])

@@ -161,7 +161,8 @@ class ClipEmbedder:
             return bytes(value)
         if isinstance(value, str):  # base64: how JSON requests carry images
             try:
-                return base64.b64decode(value, validate=True)
+                # line breaks allowed: MLflow's own JSON encoder writes MIME-style base64
+                return base64.b64decode("".join(value.split()), validate=True)
             except (binascii.Error, ValueError):
                 raise _bad_input(f"row {row}: {IMAGE!r} is a string that is not base64") from None
         raise _bad_input(f"row {row}: {IMAGE!r} must be encoded image bytes (base64 in JSON), "
