@@ -218,6 +218,8 @@ def test_clip_export_mlflow_and_mlflow_models_serve(trained, tmp_path):
         kill_tree(proc)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_random_init_logged_loaded_checked_and_bad_inputs(server, client, tmp_path):
     import mlflow
     import yaml
@@ -274,6 +276,8 @@ def test_random_init_logged_loaded_checked_and_bad_inputs(server, client, tmp_pa
         mm.load_checked(str(good))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_tracker_skips_the_model_when_the_server_is_down_at_the_end(tmp_path, caplog):
     from pretrain.train.tracking import Tracker
 
