@@ -5,6 +5,7 @@
     clip-export RUN_DIR OUT.safetensors           # OpenAI layout, safetensors
     clip-export RUN_DIR OUT --pt                  # also OUT.pt (pickle, for torch.load users)
     clip-export RUN_DIR OUT_DIR --format hf       # CLIPModel/CLIPProcessor.from_pretrained(OUT_DIR)
+    clip-export RUN_DIR OUT_DIR --format mlflow   # mlflow.pyfunc.load_model(OUT_DIR), mlflow models serve -m OUT_DIR
 
 The newest complete checkpoint is used unless `--tag` names one; ZeRO shards (any stage)
 are consolidated on CPU. OUT's suffix (.safetensors / .pt) is replaced: the safetensors
@@ -12,7 +13,10 @@ file is always written, the pickle only with `--pt` (or when OUT ends in .pt). B
 (and with OpenAI's / open_clip's loaders, which use the same key names; ``logit_scale`` is
 0-dim there). `--format hf` writes config.json, model.safetensors, the tokenizer files
 (OpenAI's BPE vocabulary, which the trainer uses) and
-preprocessor_config.json; ViT models only (transformers has no ModifiedResNet).
+preprocessor_config.json; ViT models only (transformers has no ModifiedResNet). `--format
+mlflow` writes an MLflow pyfunc model directory that embeds texts and images (the model the
+trainer logs at the end of a run: pretrain/modelio/mlflow_model.py); OUT_DIR must not exist
+or be empty.
 """
 
 from __future__ import annotations
@@ -39,10 +43,16 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: st
     from pretrain.models import to_openai_state_dict
     from pretrain.tokenizer import default_tokenizer  # the trainer's tokenizer (pretrain/train/loop.py)
 
-    if fmt not in ("openai", "hf"):
-        raise ValueError(f"unknown export format {fmt!r}; use openai or hf")
-    model = load_model_from_run(run_dir, tag=tag, device="cpu")
+    if fmt not in ("openai", "hf", "mlflow"):
+        raise ValueError(f"unknown export format {fmt!r}; use openai, hf or mlflow")
     out = Path(out)
+    if fmt == "mlflow" and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--format mlflow: {out} exists and is not an empty directory")
+    model = load_model_from_run(run_dir, tag=tag, device="cpu")
+    if fmt == "mlflow":
+        from pretrain.modelio.mlflow_model import save_mlflow_model
+
+        return [save_mlflow_model(model, out, tokenizer=default_tokenizer())]
     if fmt == "hf":
         if model.config.family != "vit":
             raise ValueError("--format hf: transformers' CLIPModel has no ModifiedResNet image tower; "
@@ -64,13 +74,14 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="training run directory (holds run_config.yaml and checkpoints/)")
-    parser.add_argument("out", help="output file (OpenAI layout; suffix replaced) or directory (--format hf)")
+    parser.add_argument("out", help="output file (OpenAI layout; suffix replaced) or directory (--format hf / mlflow)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
-    parser.add_argument("--format", dest="fmt", choices=("openai", "hf"), default="openai",
-                        help="openai: one state-dict file in OpenAI's layout; hf: a transformers CLIP dir")
+    parser.add_argument("--format", dest="fmt", choices=("openai", "hf", "mlflow"), default="openai",
+                        help="openai: one state-dict file in OpenAI's layout; hf: a transformers CLIP dir; "
+                             "mlflow: an MLflow pyfunc model dir (embeds texts and images)")
     parser.add_argument("--pt", action="store_true", help="also write the OpenAI-layout weights as a .pt pickle")
     args = parser.parse_args(argv)
-    if args.fmt == "hf" and args.pt:
+    if args.fmt != "openai" and args.pt:
         parser.error("--pt applies to --format openai only")
     # An OUT named *.pt (the command before safetensors became the default) still gets its .pt.
     pt = args.pt or (args.fmt == "openai" and Path(args.out).suffix == ".pt")

@@ -248,9 +248,15 @@ class LoggingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db
     experiment: str = "clip-pretrain"
     run_name: str = ""  # "" = the run dir's name
+    log_model: bool = True  # a finished run logs its final model as an MLflow pyfunc model
+    registered_model_name: str = ""  # "" = not registered; else that model version is created
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "logging.every_steps must be >= 1")
+        name = self.registered_model_name
+        _check(not name or (name.strip() and not set(name) & set("/:")),  # MLflow's name rule
+               f"logging.registered_model_name {name!r}: must not be blank or contain '/' or ':'")
+        _check(not name or self.log_model, "logging.registered_model_name needs logging.log_model=true")
 
 
 @dataclass

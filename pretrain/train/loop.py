@@ -88,6 +88,9 @@ def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
     except BaseException:
         tracker.close("FAILED")
         raise
+    if status == "FINISHED" and env.is_main and cfg.logging.log_model:
+        # rank 0 only, after the final checkpoint is complete; the other ranks wait at exit
+        tracker.log_model(run_dir, default_tokenizer(), state.step, cfg.logging.registered_model_name)
     tracker.close(status)
     return code
 

@@ -19,6 +19,13 @@
   retries with factor 2, minutes per call), and `close()` waits at most `close_timeout_s` for
   the queue before it gives up. A run that could not be created (server down at start)
   trains without tracking for that attempt; metrics.jsonl in the run dir has them all.
+- The final model: `log_model` (called by the loop when a run finished, `logging.log_model`)
+  logs the newest complete checkpoint as an MLflow pyfunc model that embeds texts and images
+  (pretrain/modelio/mlflow_model.py) to the run, as `runs:/<run id>/model`, registered under
+  `logging.registered_model_name` when set. Synchronous, after the queue is flushed; skipped
+  (with a warning) when the server was unreachable at the last call; a failure is counted
+  (`log_model`) and logged, never fatal: `clip-export RUN OUT --format mlflow` writes the
+  same model from the run dir later.
 - MLflow's usage telemetry is off (`MLFLOW_DISABLE_TELEMETRY=true` unless set).
 
 Open the dashboard: `mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`.
@@ -149,6 +156,36 @@ class Tracker:
             self._client.log_batch(run_id, params=new[i:i + 100])
         return run_id
 
+    def log_model(self, run_dir: str | Path, tokenizer, step: int, registered_model_name: str = "") -> str | None:
+        """Log the run's newest complete checkpoint as an MLflow pyfunc model (see the module
+        docstring); returns its model URI, None when skipped or failed. Never raises."""
+        if not self.enabled or self._thread is None or not self.run_id:
+            return None
+        done = threading.Event()
+        self._queue.put(("flush", done))  # what is queued goes first (the final step's metrics)
+        if not done.wait(self.close_timeout_s):
+            self._down = True
+        if self._down:
+            log.warning("mlflow: the tracking server did not answer the last call: the final model is not logged "
+                        "(`clip-export %s OUT --format mlflow` writes it from the checkpoint)", run_dir)
+            return None
+        try:
+            from pretrain.modelio import load_model_from_run
+            from pretrain.modelio.mlflow_model import log_mlflow_model
+
+            started = time.monotonic()
+            model = load_model_from_run(run_dir, device="cpu")
+            info = log_mlflow_model(model, tokenizer, tracking_uri=self.uri, run_id=self.run_id, step=step,
+                                    registered_model_name=registered_model_name)
+        except Exception as exn:  # noqa: BLE001 - tracking must never fail a finished run
+            self._failed("log_model", exn)
+            return None
+        version = getattr(info, "registered_model_version", None)
+        log.info("mlflow: logged the final model as %s (%s)%s in %.1f s", f"runs:/{self.run_id}/model",
+                 info.model_uri, f", registered as {registered_model_name} version {version}" if version else "",
+                 time.monotonic() - started)
+        return info.model_uri
+
     def close(self, status: str = "FINISHED") -> None:
         """Flush what is queued (at most `close_timeout_s`) and end the run with `status`
         (FINISHED, KILLED, FAILED); report failed calls."""
@@ -212,6 +249,7 @@ class Tracker:
         artifacts: collections.deque = collections.deque()
         retry_at, pause = 0.0, self.flush_s
         stop = False
+        flushed: list[threading.Event] = []
         while True:
             try:
                 item = self._queue.get(timeout=self.flush_s)
@@ -219,20 +257,26 @@ class Tracker:
                     if item is None:
                         stop = True
                         break
-                    (metrics if item[0] == "metrics" else artifacts).extend(
-                        item[1] if item[0] == "metrics" else [item[1:]])
+                    if item[0] == "flush":
+                        flushed.append(item[1])
+                    else:
+                        (metrics if item[0] == "metrics" else artifacts).extend(
+                            item[1] if item[0] == "metrics" else [item[1:]])
                     item = self._queue.get_nowait()
             except queue.Empty:
                 pass
             while len(metrics) > _MAX_PENDING:
                 metrics.popleft()
                 self.dropped_metrics += 1
-            if (metrics or artifacts) and (stop or time.monotonic() >= retry_at):
+            if (metrics or artifacts) and (stop or flushed or time.monotonic() >= retry_at):
                 if self._send(metrics, artifacts):
                     pause = self.flush_s
                 else:  # the server is down: wait longer each time, retry what is pending
                     pause = min(max(2 * pause, 1.0), _RETRY_MAX_S)
                     retry_at = time.monotonic() + pause
+            for event in flushed:  # one attempt made: the caller reads `_down`
+                event.set()
+            flushed = []
             if stop:
                 return
 
