@@ -27,7 +27,11 @@ or a ``CONNECT`` tunnel for https) it:
   once that many bytes came from the origin, tunnels included: the bytes then count TLS
   records);
 - gives the connection ``deadline`` seconds in all -> ``safety/deadline`` (urllib sends
-  ``Connection: close``: one connection is one download, or one redirect hop).
+  ``Connection: close``: one connection is one download, or one redirect hop);
+- admits at most ``host_max_connections`` connections per host at once and new ones at
+  most ``host_rate`` per second per host (:mod:`data_pipeline.politeness`: why here);
+  past that it answers ``503 politeness/host_busy`` with ``Retry-After`` at once, and the
+  crawl's fetcher asks again later.
 
 A refusal before any response byte is an HTTP answer whose reason phrase is the counted
 reason (``HTTP/1.1 403 safety/private_address``): img2dataset records it as the sample's
@@ -53,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import math
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +66,7 @@ from urllib.parse import urljoin, urlsplit
 
 import h11
 
+from data_pipeline import politeness
 from data_pipeline.safety import (
     ALLOWED_SCHEMES, BAD_SCHEME, PRIVATE_ADDRESS, UNRESOLVABLE, AddressPolicy, Resolver, literal_address,
     resolve_host,
@@ -73,9 +79,10 @@ BODY_TOO_LARGE = "safety/body_too_large"
 DEADLINE = "safety/deadline"
 CONNECTION_ERROR = "download/connection_error"
 BAD_RESPONSE = "download/bad_response"
+HOST_BUSY = politeness.HOST_BUSY
 # Every reason this proxy can put into a response (crawl_counts trusts only these).
 REASONS = frozenset({BAD_SCHEME, PRIVATE_ADDRESS, UNRESOLVABLE, BAD_REQUEST, REDIRECT_TO_PRIVATE,
-                     REDIRECT_BAD_SCHEME, BODY_TOO_LARGE, DEADLINE, CONNECTION_ERROR, BAD_RESPONSE})
+                     REDIRECT_BAD_SCHEME, BODY_TOO_LARGE, DEADLINE, CONNECTION_ERROR, BAD_RESPONSE, HOST_BUSY})
 PROXY_ENV_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY")
 NO_PROXY_ENV_VARS = ("no_proxy", "NO_PROXY")
 
@@ -88,9 +95,9 @@ _CHUNK = 64 * 1024
 class _Stop(Exception):
     """End this connection: refused (nothing answered yet) or cut (the answer had started)."""
 
-    def __init__(self, reason: str, status: int = 403) -> None:
+    def __init__(self, reason: str, status: int = 403, retry_after: float | None = None) -> None:
         super().__init__(reason)
-        self.reason, self.status = reason, status
+        self.reason, self.status, self.retry_after = reason, status, retry_after
 
 
 class _Conn:
@@ -100,6 +107,7 @@ class _Conn:
         self.writer = writer
         self.upstream: asyncio.StreamWriter | None = None
         self.started = False  # a response (or the tunnel's 200) went to the client
+        self.host_slot: str | None = None  # the host whose politeness slot this connection holds
 
 
 class EgressProxy:
@@ -116,6 +124,8 @@ class EgressProxy:
         port: int = 0,
         redirect_memory: int = 4096,
         resolver_threads: int = 64,
+        host_max_connections: int = 0,
+        host_rate: float = 0.0,
     ) -> None:
         self.policy, self.resolver = policy, resolver
         self.max_body_bytes, self.deadline = int(max_body_bytes), float(deadline)
@@ -123,6 +133,7 @@ class EgressProxy:
         self._redirect_memory = redirect_memory
         self._redirects: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._counts: Counter[str] = Counter()
+        self.hosts = politeness.HostLimiter(host_max_connections, host_rate)
         self._lock = threading.Lock()
         self._resolver_pool = ThreadPoolExecutor(resolver_threads, thread_name_prefix="egress-dns")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -200,7 +211,7 @@ class EgressProxy:
         try:
             await asyncio.wait_for(self._serve(conn, reader), self.deadline)
         except _Stop as stop:
-            self._finish(conn, stop.reason, stop.status)
+            self._finish(conn, stop.reason, stop.status, stop.retry_after)
         except asyncio.TimeoutError:
             self._finish(conn, DEADLINE, 504)
         except h11.ProtocolError:
@@ -214,15 +225,19 @@ class EgressProxy:
             for w in (conn.upstream, writer):
                 if w is not None:
                     w.close()
+            if conn.host_slot is not None:
+                self.hosts.release(conn.host_slot)
             self._tasks.discard(task)
 
-    def _finish(self, conn: _Conn, reason: str, status: int) -> None:
+    def _finish(self, conn: _Conn, reason: str, status: int, retry_after: float | None = None) -> None:
         self._count(reason)
         if conn.started:
             return  # cut: closing without the rest of the framing is the signal
         phrase = reason.encode("ascii")
+        extra = b"" if retry_after is None else b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after))
         try:
-            conn.writer.write(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (status, phrase))
+            conn.writer.write(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\n%sConnection: close\r\n\r\n"
+                              % (status, phrase, extra))
         except (OSError, RuntimeError):
             pass
 
@@ -245,8 +260,9 @@ class EgressProxy:
         else:
             raise _Stop(BAD_REQUEST, 405)
 
-    async def _admit(self, scheme: str, host: str, port: int) -> list[str]:
-        """The addresses to connect to, all checked; raises _Stop with the reason."""
+    async def _admit(self, conn: _Conn, scheme: str, host: str, port: int) -> list[str]:
+        """The addresses to connect to, all checked, and the host's politeness slot taken;
+        raises _Stop with the reason."""
         literal = literal_address(host)
         if literal is not None:
             addrs = [str(literal)]
@@ -260,6 +276,10 @@ class EgressProxy:
             if reason == PRIVATE_ADDRESS and (scheme, host.lower(), port) in self._redirects:
                 reason = REDIRECT_TO_PRIVATE
             raise _Stop(reason)
+        wait = self.hosts.acquire(host)  # after the policy: a refused host never waits
+        if wait is not None:
+            raise _Stop(HOST_BUSY, 503, wait)
+        conn.host_slot = host
         return addrs
 
     async def _connect(self, conn: _Conn, addrs: list[str], port: int) -> asyncio.StreamReader:
@@ -290,7 +310,7 @@ class EgressProxy:
             raise _Stop(BAD_REQUEST, 400) from e
         if not host or port is None:
             raise _Stop(BAD_REQUEST, 400)
-        addrs = await self._admit("https", host, port)
+        addrs = await self._admit(conn, "https", host, port)
         up_reader = await self._connect(conn, addrs, port)
         assert conn.upstream is not None
         conn.writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -322,7 +342,7 @@ class EgressProxy:
         if not scheme or not host:
             raise _Stop(BAD_REQUEST, 400)  # an origin-form request: not a proxy request
         port = port or 80
-        addrs = await self._admit("http", host, port)
+        addrs = await self._admit(conn, "http", host, port)
         up_reader = await self._connect(conn, addrs, port)
         assert conn.upstream is not None
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

@@ -26,6 +26,7 @@ from data_pipeline.inputs import list_input_files
 from data_pipeline.layout import Layout, OutputInUseError, bind_output, input_fingerprint
 from data_pipeline.manifest import build_manifest
 from data_pipeline.prepare import PrepareSummary, load_prepared
+from data_pipeline.retry_failed import load_rounds
 from data_pipeline.shard import load_crawl_meta, run_shard
 from data_pipeline.stats import compute_stats, stats_markdown, summary_table
 from pretrain.fs import DirBusyError, lock_dir, unlock_dir
@@ -87,17 +88,19 @@ def timed(layout: Layout, stage: str) -> Iterator[None]:
 
 
 @owned
-def crawl(cfg: BuildConfig) -> None:
+def crawl(cfg: BuildConfig, retry_failed: bool = False) -> None:
+    """``retry_failed``: also crawl the transient failures of the finished crawl again, into
+    new crawl shards (:mod:`data_pipeline.retry_failed`); filter and shard then run again."""
     layout = bind(cfg, with_input=True)
     with timed(layout, "crawl"):
-        run_crawl(cfg, layout)
+        run_crawl(cfg, layout, retry_failed=retry_failed)
 
 
 def _finished_crawl(cfg: BuildConfig, layout: Layout) -> tuple[PrepareSummary, CrawlPlan]:
     prep = load_prepared(layout)
     if not prep.files:
         raise StageOrderError(f"no crawl in {layout.root}: run `crawl` (or `build`) first")
-    plan = plan_crawl(prep, cfg.crawl.number_sample_per_shard)
+    plan = plan_crawl(prep, cfg.crawl.number_sample_per_shard, load_rounds(layout))
     if unfinished_shards(layout, plan):
         raise StageOrderError(f"the crawl in {layout.root} is not finished: rerun `crawl` to complete it")
     return prep, plan
@@ -159,8 +162,8 @@ def stats(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
 
 
 @owned
-def build(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
-    crawl(cfg)
+def build(cfg: BuildConfig, echo: bool = True, retry_failed: bool = False) -> dict[str, Any]:
+    crawl(cfg, retry_failed=retry_failed)
     filter(cfg)
     shard(cfg)
     return stats(cfg, echo=echo)
