@@ -12,14 +12,17 @@ pool's daemonic workers and on Spark/Ray executors alike) and waits for it:
   img2dataset's per-URL function, and a cooperative shard deadline
   (``crawl.shard_deadline``: no download starts after it, those samples count as
   ``crawl/shard_deadline``);
-- the watchdog kills the child (its whole process group) once it has run
+- the watchdog kills the child once it has run
   ``shard_deadline + download_deadline + shard_grace_s`` seconds (every download of it
   has ended by then unless the process is stuck) and starts it again, at most
   ``crawl.max_shard_retry`` more times; a shard whose last attempt was killed is written
   as finished with every sample failed as ``crawl/shard_killed`` (transient: a
   ``--retry-failed`` run fetches them again), so the build never hangs on it. Each kill is
   recorded in ``OUT/crawl/NNNNN_watchdog.json``. A child that exits with an error every
-  time (never expected) leaves its samples as ``crawl/shard_failed``.
+  time (never expected) leaves its samples as ``crawl/shard_failed``. The child stays in
+  the worker's process group and ends itself when the worker is gone; the worker ends
+  itself and the child when the crawl's driver is gone (a killed build leaves nothing
+  crawling behind).
 
     python -m data_pipeline.crawl_worker OUT/crawl/_tmp/12.job   # what the watchdog runs
 """
@@ -27,9 +30,9 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -84,19 +87,25 @@ class CrawlDownloader(Downloader):
         env = dict(os.environ)
         # The child must import this package wherever the worker found it (Spark/Ray executors).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.crawl_worker", job], env=env,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=self.kill_after)
-        except subprocess.TimeoutExpired:
+        # Same process group as this worker: whoever kills the build's group kills it too.
+        parent = os.getppid()
+        proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.crawl_worker", job], env=env)
+        end = time.monotonic() + self.kill_after
+        while True:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and anything it started
-            except ProcessLookupError:
+                rc = proc.wait(timeout=max(0.0, min(1.0, end - time.monotonic())))
+                return "done" if rc == 0 else "failed"
+            except subprocess.TimeoutExpired:
                 pass
-            proc.wait()
-            print(f"crawl watchdog: killed {job} after {self.kill_after:g} s", file=sys.stderr, flush=True)
-            return "killed"
-        return "done" if rc == 0 else "failed"
+            if os.getppid() != parent:  # the crawl's driver is gone: so is this shard's reason to run
+                proc.kill()
+                proc.wait()
+                os._exit(1)
+            if time.monotonic() >= end:
+                proc.kill()
+                proc.wait()
+                print(f"crawl watchdog: killed {job} after {self.kill_after:g} s", file=sys.stderr, flush=True)
+                return "killed"
 
     def _record_kills(self, shard_id: int, kills: int) -> None:
         name = f"{shard_id:0{self.oom_shard_count}d}{WATCHDOG_SUFFIX}"
@@ -149,7 +158,20 @@ class CrawlDownloader(Downloader):
         self.download_shard(row)
 
 
+def _exit_with_parent() -> None:
+    """Stop when the watchdog's process is gone (killed), instead of crawling on unseen."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _exit_with_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m data_pipeline.crawl_worker JOB", file=sys.stderr)

@@ -354,7 +354,7 @@ class EgressProxy:
         conn.upstream.write(up.send(h11.Request(method=req.method, target=target.encode("ascii"), headers=headers)))
         conn.upstream.write(up.send(h11.EndOfMessage()))
         await conn.upstream.drain()
-        resp = await _next_event(up, up_reader)
+        resp = await _response_head(up, up_reader)
         while isinstance(resp, h11.InformationalResponse):  # 1xx: nothing the client asked for
             resp = await _next_event(up, up_reader)
         if not isinstance(resp, h11.Response):
@@ -407,6 +407,26 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any
         if ev is not h11.NEED_DATA:
             return ev
         conn.receive_data(await reader.read(_CHUNK))
+
+
+async def _response_head(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    """The origin's first event; an origin that resets or closes before sending a byte
+    failed to connect, in effect (the client may try again), not a malformed answer."""
+    got = False
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        try:
+            data = await reader.read(_CHUNK)
+        except ConnectionError as e:
+            if got:
+                raise
+            raise _Stop(CONNECTION_ERROR, 502) from e
+        if not data and not got:
+            raise _Stop(CONNECTION_ERROR, 502)
+        got = True
+        conn.receive_data(data)
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, limit: int | None) -> None:
