@@ -4,7 +4,8 @@ that is killed when it overruns, and retried.
 img2dataset's distributors (a multiprocessing pool, Spark tasks, Ray tasks) call the
 downloader object once per crawl shard. :class:`CrawlDownloader` is that object; in the
 distributor's worker it does not download itself but starts
-``python -m data_pipeline.crawl_worker JOB`` (a plain subprocess, so it works inside the
+a child process (forked when the worker is single-threaded, else ``python -m
+data_pipeline.crawl_worker JOB``; never a multiprocessing child, so it works inside the
 pool's daemonic workers and on Spark/Ray executors alike) and waits for it:
 
 - the child runs img2dataset's ``Downloader.download_shard`` with the crawl's own fetcher
@@ -30,10 +31,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 from img2dataset import downloader as i2d_downloader
@@ -61,12 +64,10 @@ class CrawlDownloader(Downloader):
     def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
         shard_id, shard_file = row
         job = f"{shard_file}.job"
-        with fsutil.atomic_open(job) as f:
-            pickle.dump((self, row), f)
         kills = 0
         try:
             for _ in range(self.attempts):
-                outcome = self._attempt(job)
+                outcome = self._attempt(job, row)
                 if outcome == "done":
                     return True, row
                 if outcome == "killed":
@@ -83,29 +84,38 @@ class CrawlDownloader(Downloader):
             if fs.exists(path):
                 fs.rm(path)
 
-    def _attempt(self, job: str) -> str:
-        env = dict(os.environ)
-        # The child must import this package wherever the worker found it (Spark/Ray executors).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    def _attempt(self, job: str, row: tuple[int, str]) -> str:
         # Same process group as this worker: whoever kills the build's group kills it too.
         parent = os.getppid()
-        proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.crawl_worker", job], env=env)
+        if threading.active_count() == 1:
+            # A single-threaded worker (a pool worker, a Spark Python worker) forks: no second
+            # interpreter start and import (img2dataset pulls in torch through webdataset:
+            # seconds per shard). Forking a process with other threads is unsafe: then exec.
+            pid = os.fork()
+            if pid == 0:
+                _run_child(self, row)
+            child: _Child = _Forked(pid)
+        else:
+            if not fsutil.exists(job):
+                with fsutil.atomic_open(job) as f:
+                    pickle.dump((self, row), f)
+            env = dict(os.environ)
+            # The child must import this package wherever the worker found it (Ray executors).
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            child = _Exec(subprocess.Popen([sys.executable, "-m", "data_pipeline.crawl_worker", job], env=env))
         end = time.monotonic() + self.kill_after
         while True:
-            try:
-                rc = proc.wait(timeout=max(0.0, min(1.0, end - time.monotonic())))
+            rc = child.poll()
+            if rc is not None:
                 return "done" if rc == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                pass
             if os.getppid() != parent:  # the crawl's driver is gone: so is this shard's reason to run
-                proc.kill()
-                proc.wait()
+                child.kill()
                 os._exit(1)
             if time.monotonic() >= end:
-                proc.kill()
-                proc.wait()
+                child.kill()
                 print(f"crawl watchdog: killed {job} after {self.kill_after:g} s", file=sys.stderr, flush=True)
                 return "killed"
+            time.sleep(0.05)
 
     def _record_kills(self, shard_id: int, kills: int) -> None:
         name = f"{shard_id:0{self.oom_shard_count}d}{WATCHDOG_SUFFIX}"
@@ -156,6 +166,57 @@ class CrawlDownloader(Downloader):
         # download_shard looks this name up in its module for every URL.
         i2d_downloader.download_image_with_retry = fetcher  # type: ignore[assignment]
         self.download_shard(row)
+
+
+class _Child:
+    def poll(self) -> int | None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+
+class _Exec(_Child):
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class _Forked(_Child):
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        return None if pid == 0 else os.waitstatus_to_exitcode(status)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+
+
+def _run_child(downloader: CrawlDownloader, row: tuple[int, str]) -> None:
+    """The forked child: run the shard, never return into the worker's code."""
+    code = 1
+    try:
+        _exit_with_parent()
+        downloader.run_shard(row)
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported, and the exit status tells the watchdog
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _exit_with_parent() -> None:

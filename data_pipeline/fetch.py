@@ -212,7 +212,9 @@ class Fetcher:
 
     def _once(self, url: str) -> bytes:
         t0 = time.monotonic()
-        timeout = max(0.05, min(self.s.timeout, self.s.deadline))
+        # A second past the deadline: the proxy's own answer at the deadline (504
+        # safety/deadline, or the cut) is what this client sees, not a race with its timeout.
+        timeout = max(0.05, min(self.s.timeout, self.s.deadline + 1.0))
         req = urllib.request.Request(url, headers={"User-Agent": self.s.user_agent})
         try:
             with self.opener.open(req, timeout=timeout) as r:
