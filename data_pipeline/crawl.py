@@ -51,6 +51,7 @@ from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
 from data_pipeline.egress import EgressProxy
 from data_pipeline.layout import Layout
+from data_pipeline.politeness import queue_seconds
 from data_pipeline.prepare import PrepareSummary, address_policy, prepare_inputs
 from data_pipeline.retry_failed import RetryRound, load_rounds, plan_retry_round
 from data_pipeline.safety import AddressPolicy, Resolver, resolve_host
@@ -213,7 +214,8 @@ def download(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: 
     extra = _extra_columns(layout)
     proxy = EgressProxy(policy or address_policy(cfg), resolver=resolver, max_body_bytes=c.max_body_bytes,
                         deadline=c.download_deadline, host=c.egress_bind, port=c.egress_port,
-                        host_max_connections=c.host_max_connections, host_rate=c.host_rate)
+                        host_max_connections=c.host_max_connections, host_rate=c.host_rate,
+                        host_queue_s=queue_seconds(c.timeout))
     with proxy, crawl_environment(cfg, proxy):
         _run_img2dataset(cfg, layout, processes, oom_shard_count, extra,
                          inputs or [CrawlInput(layout.input_dir, 0)])

@@ -27,11 +27,12 @@ or a ``CONNECT`` tunnel for https) it:
   once that many bytes came from the origin, tunnels included: the bytes then count TLS
   records);
 - gives the connection ``deadline`` seconds in all -> ``safety/deadline`` (urllib sends
-  ``Connection: close``: one connection is one download, or one redirect hop);
+  ``Connection: close``: one connection is one download, or one redirect hop), counted
+  from when it may go out (after the politeness queue below);
 - admits at most ``host_max_connections`` connections per host at once and new ones at
-  most ``host_rate`` per second per host (:mod:`data_pipeline.politeness`: why here);
-  past that it answers ``503 politeness/host_busy`` with ``Retry-After`` at once, and the
-  crawl's fetcher asks again later.
+  most ``host_rate`` per second per host (:mod:`data_pipeline.politeness`: why here),
+  holding a connection back for at most ``host_queue_s``; past that it answers ``503
+  politeness/host_busy`` with ``Retry-After``, and the crawl's fetcher asks again later.
 
 A refusal before any response byte is an HTTP answer whose reason phrase is the counted
 reason (``HTTP/1.1 403 safety/private_address``): img2dataset records it as the sample's
@@ -108,6 +109,22 @@ class _Conn:
         self.upstream: asyncio.StreamWriter | None = None
         self.started = False  # a response (or the tunnel's 200) went to the client
         self.host_slot: str | None = None  # the host whose politeness slot this connection holds
+        self.expired = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float, task: asyncio.Task[Any]) -> None:
+        """(Re)start the connection's deadline: when it passes, the task is cancelled."""
+        self.disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire, task)
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self.expired = True
+        task.cancel()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class EgressProxy:
@@ -126,6 +143,7 @@ class EgressProxy:
         resolver_threads: int = 64,
         host_max_connections: int = 0,
         host_rate: float = 0.0,
+        host_queue_s: float = 2.0,
     ) -> None:
         self.policy, self.resolver = policy, resolver
         self.max_body_bytes, self.deadline = int(max_body_bytes), float(deadline)
@@ -134,6 +152,7 @@ class EgressProxy:
         self._redirects: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._counts: Counter[str] = Counter()
         self.hosts = politeness.HostLimiter(host_max_connections, host_rate)
+        self.host_queue_s = float(host_queue_s)
         self._lock = threading.Lock()
         self._resolver_pool = ThreadPoolExecutor(resolver_threads, thread_name_prefix="egress-dns")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -208,20 +227,22 @@ class EgressProxy:
         self._tasks.add(task)
         conn = _Conn(writer)
         self._count("connections")
+        conn.arm(self.deadline + self.host_queue_s, task)  # restarted once the host slot is taken
         try:
-            await asyncio.wait_for(self._serve(conn, reader), self.deadline)
+            await self._serve(conn, reader)
         except _Stop as stop:
             self._finish(conn, stop.reason, stop.status, stop.retry_after)
-        except asyncio.TimeoutError:
-            self._finish(conn, DEADLINE, 504)
+        except asyncio.CancelledError:
+            if conn.expired:
+                self._finish(conn, DEADLINE, 504)
+            # else: the proxy is stopping
         except h11.ProtocolError:
             # From the origin's side (the client's request was parsed before we connected).
             self._finish(conn, BAD_RESPONSE, 502)
         except (OSError, asyncio.IncompleteReadError):
             self._count("aborted")  # either side hung up mid-way
-        except asyncio.CancelledError:
-            pass  # the proxy is stopping
         finally:
+            conn.disarm()
             for w in (conn.upstream, writer):
                 if w is not None:
                     w.close()
@@ -276,11 +297,29 @@ class EgressProxy:
             if reason == PRIVATE_ADDRESS and (scheme, host.lower(), port) in self._redirects:
                 reason = REDIRECT_TO_PRIVATE
             raise _Stop(reason)
-        wait = self.hosts.acquire(host)  # after the policy: a refused host never waits
-        if wait is not None:
-            raise _Stop(HOST_BUSY, 503, wait)
-        conn.host_slot = host
+        await self._host_slot(conn, host)  # after the policy: a refused host never waits
         return addrs
+
+    async def _host_slot(self, conn: _Conn, host: str) -> None:
+        """The host's politeness slot (:mod:`data_pipeline.politeness`), waited for at most
+        ``host_queue_s``; else ``politeness/host_busy``."""
+        if self.hosts.enabled:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + self.host_queue_s
+            wait = self.hosts.reserve(host, self.host_queue_s)
+            if wait is None:
+                raise _Stop(HOST_BUSY, 503, self.hosts.next_in(host))
+            if wait > 0:
+                await asyncio.sleep(wait)
+            while not self.hosts.enter(host):
+                if loop.time() >= end:
+                    raise _Stop(HOST_BUSY, 503, self.hosts.next_in(host))
+                await asyncio.sleep(0.02)  # a slot frees when one of the host's connections ends
+            conn.host_slot = host
+        # The deadline judges the origin: it starts when the connection may go out.
+        task = asyncio.current_task()
+        assert task is not None
+        conn.arm(self.deadline, task)
 
     async def _connect(self, conn: _Conn, addrs: list[str], port: int) -> asyncio.StreamReader:
         err: OSError | None = None

@@ -23,10 +23,10 @@ per-connection deadline and the per-host politeness limits (:mod:`data_pipeline.
 - The egress proxy's ``politeness/host_busy`` answer (the host already has its share of
   connections, or its next slot is later) is waited for without using up a retry, for at
   most ``crawl.host_wait_s`` per URL in all; then the URL fails as ``politeness/host_busy``.
-- Per download (one attempt, redirects included) at most ``crawl.download_deadline``
-  seconds; a body still arriving then (a server dripping bytes) fails as
-  ``download/deadline``. The proxy cuts the connection at the same deadline, so this holds
-  even when a read blocks.
+- Per download: the proxy cuts each connection (one attempt or redirect hop) after
+  ``crawl.download_deadline`` seconds; a head that never came is its ``504
+  safety/deadline``, a body cut then (a server dripping bytes) fails here as
+  ``download/deadline``. This client gives up on its own only well after that (a backstop).
 - A crawl shard's cooperative deadline (``crawl.shard_deadline``, set by the crawl worker):
   no download starts after it (``crawl/shard_deadline``) and no backoff sleeps past it.
 
@@ -51,7 +51,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from data_pipeline.egress import CONNECTION_ERROR, DEADLINE, REASONS as EGRESS_REASONS
-from data_pipeline.politeness import HOST_BUSY
+from data_pipeline.politeness import HOST_BUSY, queue_seconds
 
 OPT_OUT_HEADER = "download/opt_out"
 TDM_RESERVATION_HEADER = "optout/tdm_reservation_header"
@@ -147,6 +147,7 @@ class FetchSettings:
     max_retry_after_s: float
     host_wait_s: float
     host_interval_s: float  # the proxy's per-host spacing: the wait when it names none
+    host_queue_s: float  # the longest the proxy holds a connection back for its host
 
     @classmethod
     def from_config(cls, c: Any) -> "FetchSettings":
@@ -156,7 +157,8 @@ class FetchSettings:
         directives = frozenset(d.strip().lower() for d in c.disallowed_header_directives) or None
         return cls(user_agent_string(c.user_agent, c.contact_url), token, directives, float(c.timeout),
                    float(c.download_deadline), int(c.retries), float(c.backoff_s), float(c.max_retry_after_s),
-                   float(c.host_wait_s), 1.0 / c.host_rate if c.host_rate > 0 else 0.1)
+                   float(c.host_wait_s), 1.0 / c.host_rate if c.host_rate > 0 else 0.1,
+                   queue_seconds(float(c.timeout)))
 
 
 class Fetcher:
@@ -212,9 +214,11 @@ class Fetcher:
 
     def _once(self, url: str) -> bytes:
         t0 = time.monotonic()
-        # A second past the deadline: the proxy's own answer at the deadline (504
-        # safety/deadline, or the cut) is what this client sees, not a race with its timeout.
-        timeout = max(0.05, min(self.s.timeout, self.s.deadline + 1.0))
+        # The proxy starts its deadline once the host's slot is free (after at most
+        # host_queue_s): a socket timeout past both lets the proxy's own answer at the
+        # deadline (504 safety/deadline, or the cut) be what this client sees.
+        timeout = max(0.05, min(self.s.timeout, self.s.deadline + self.s.host_queue_s + 1.0))
+        backstop = self.s.deadline + self.s.host_queue_s + self.s.timeout
         req = urllib.request.Request(url, headers={"User-Agent": self.s.user_agent})
         try:
             with self.opener.open(req, timeout=timeout) as r:
@@ -224,8 +228,8 @@ class Fetcher:
                     raise _Fail(TDM_RESERVATION_HEADER, "Use of image reserved by a tdm-reservation: 1 header")
                 chunks = []
                 while True:
-                    if time.monotonic() - t0 > self.s.deadline:
-                        raise _Fail(DOWNLOAD_DEADLINE, f"body still arriving after {self.s.deadline:g} s")
+                    if time.monotonic() - t0 > backstop:  # the proxy's cut normally comes first
+                        raise _Fail(DOWNLOAD_DEADLINE, f"body still arriving after {backstop:g} s")
                     chunk = r.read(_CHUNK)
                     if not chunk:
                         break
@@ -255,8 +259,8 @@ class Fetcher:
         if m and m.group(1) in EGRESS_REASONS | {HOST_BUSY}:
             return _Fail(m.group(1), text)
         if elapsed >= self.s.deadline:
-            # The proxy cuts a connection at the same deadline: what looks like a reset or a
-            # short body then is the deadline.
+            # The proxy cuts a connection at its deadline (counted from its host slot, so at
+            # least that long after this request went out); no other cut comes so late.
             return _Fail(DOWNLOAD_DEADLINE, text)
         if isinstance(e, http.client.IncompleteRead):
             return _Fail(TRUNCATED, text)
