@@ -73,15 +73,17 @@ class CrawlConfig:
     distributor: Literal["multiprocessing", "pyspark", "ray"] = field(
         default="multiprocessing", metadata=_h("img2dataset distributor (pyspark/ray: many machines)"))
     subjob_size: int = field(default=1000, metadata=_h("pyspark: crawl shards per Spark job"))
-    max_shard_retry: int = field(default=1, metadata=_h("img2dataset retries of a failed crawl shard"))
+    max_shard_retry: int = field(default=1, metadata=_h(
+        "more attempts at a crawl shard whose process was killed by the watchdog or failed"))
     disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_OPT_OUTS), metadata=_h(
         "X-Robots-Tag directives that opt an image out ([] honours none)"))
     user_agent_token: str | None = field(default=None, metadata=_h(
-        "token added to img2dataset's User-Agent and matched in X-Robots-Tag (null: crawl.user_agent)"))
+        "token matched in X-Robots-Tag's per-agent directives (null: crawl.user_agent)"))
     user_agent: str = field(default="clip-pretrain", metadata=_h(
         "the crawler's product token: robots.txt rules are matched for it"))
     contact_url: str | None = field(default=None, metadata=_h(
-        "URL site owners can reach the crawl's operator at, sent in the User-Agent"))
+        "URL site owners can reach the crawl's operator at: every request's User-Agent is "
+        "'<user_agent>/1.0 (+<contact_url>)'"))
     robots_txt: bool = field(default=True, metadata=_h("honour robots.txt (fetched once per host before the crawl)"))
     robots_unreachable: Literal["allow", "deny"] = field(default="allow", metadata=_h(
         "robots.txt answering 5xx or unreachable: allow the host's URLs (the crawl's own fetch "

@@ -1,19 +1,25 @@
 """Crawl stage: safety-checked URL list -> img2dataset -> webdataset tars in ``OUT/crawl``.
 
 img2dataset does the downloading (threads x processes, or the pyspark/ray distributors on a
-cluster); this module only prepares its input (:mod:`data_pipeline.prepare`), calls it in
-incremental mode (a rerun skips crawl shards whose ``_stats.json`` exists, so a killed
-crawl continues), checks that every crawl shard finished, and turns its per-sample
-status/error_message into counted reasons (:mod:`data_pipeline.crawl_counts`).
+cluster): this module prepares its input (:mod:`data_pipeline.prepare`), runs its reader,
+writer and distributors with the crawl's own shard downloader
+(:mod:`data_pipeline.crawl_worker`: the crawl's fetcher, :mod:`data_pipeline.fetch`, in
+place of img2dataset's per-URL function, and a watchdog per shard), skips crawl shards
+whose ``_stats.json`` exists (a killed crawl continues), checks that every crawl shard
+finished, and turns each sample's status/error_message into a counted reason
+(:mod:`data_pipeline.crawl_counts`). ``--retry-failed`` adds a round of the transient
+failures (:mod:`data_pipeline.retry_failed`).
 
     summary = run_crawl(cfg, layout)
+    summary = run_crawl(cfg, layout, retry_failed=True)
 
 Every fetch goes through the crawl's egress proxy (:mod:`data_pipeline.egress`), started
 for the duration of ``img2dataset.download``: the address policy of the URL check
 (:mod:`data_pipeline.safety`) is enforced again at connect time for every connection and
 redirect hop, unresolvable names are refused, bodies are capped and each connection has
-an overall deadline. Its counts by reason are saved in ``OUT/crawl/egress.json`` (summed
-over reruns) and reported by the stats stage. Config keys (``crawl.`` section):
+an overall deadline, and the per-host limits hold (:mod:`data_pipeline.politeness`). Its
+counts by reason are saved in ``OUT/crawl/egress.json`` (summed over reruns) and reported
+by the stats stage. Config keys (``crawl.`` section):
 
   download_deadline  seconds one connection (one download or redirect hop) may take in
                      all (default 60); ``timeout`` stays the per-socket-operation limit
@@ -21,6 +27,9 @@ over reruns) and reported by the stats stage. Config keys (``crawl.`` section):
   egress_bind        address the proxy listens on (default 127.0.0.1)
   egress_port        its port (default 0: a free one)
   egress_advertise   address workers use to reach it (default: egress_bind)
+  retries, backoff_s, max_retry_after_s      transient failures (:mod:`data_pipeline.fetch`)
+  host_max_connections, host_rate, host_wait_s   per-host politeness
+  shard_deadline, shard_grace_s, max_shard_retry the shard watchdog
 
 Distributors: ``multiprocessing`` (default, this machine), ``pyspark`` (img2dataset uses
 the active SparkSession, or starts ``local[processes]``) and ``ray`` (the connected Ray
@@ -57,6 +66,7 @@ from data_pipeline.retry_failed import RetryRound, load_rounds, plan_retry_round
 from data_pipeline.safety import AddressPolicy, Resolver, resolve_host
 
 EGRESS_COUNTS = "egress.json"
+WATCHDOG_SUFFIX = "_watchdog.json"  # NNNNN_watchdog.json: the shard watchdog's kills of that shard
 
 
 class CrawlIncompleteError(RuntimeError):
@@ -166,6 +176,11 @@ def load_egress_counts(layout: Layout) -> dict[str, int]:
     """The egress proxy's counts by reason, summed over the crawl runs of this output."""
     path = fsutil.join(layout.crawl_dir, EGRESS_COUNTS)
     return dict(fsutil.read_json(path)["counts"]) if fsutil.exists(path) else {}
+
+
+def load_watchdog_kills(layout: Layout) -> int:
+    """How many times the shard watchdog killed a stuck crawl process (:mod:`data_pipeline.crawl_worker`)."""
+    return sum(int(fsutil.read_json(p)["kills"]) for p in fsutil.glob(fsutil.join(layout.crawl_dir, "*" + WATCHDOG_SUFFIX)))
 
 
 def _save_egress_counts(layout: Layout, counts: dict[str, int]) -> None:

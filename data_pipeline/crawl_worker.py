@@ -44,9 +44,8 @@ from img2dataset.downloader import Downloader, compute_key
 from img2dataset.logger import CappedCounter, write_stats
 
 from data_pipeline import fsutil
+from data_pipeline.crawl import WATCHDOG_SUFFIX
 from data_pipeline.fetch import SHARD_FAILED, SHARD_KILLED, FetchSettings, Fetcher, tagged
-
-WATCHDOG_SUFFIX = "_watchdog.json"
 
 
 class CrawlDownloader(Downloader):

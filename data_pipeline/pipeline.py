@@ -19,7 +19,9 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig, config_dict, dataset_identity
-from data_pipeline.crawl import CrawlPlan, crawl_tars, load_egress_counts, plan_crawl, run_crawl, unfinished_shards
+from data_pipeline.crawl import (
+    CrawlPlan, crawl_tars, load_egress_counts, load_watchdog_kills, plan_crawl, run_crawl, unfinished_shards,
+)
 from data_pipeline.crawl_counts import crawl_accounting
 from data_pipeline.filter_run import FilterOutcome, load_filter_outcome, run_filter
 from data_pipeline.inputs import list_input_files
@@ -151,7 +153,8 @@ def stats(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
         if fsutil.exists(layout.timing(stage)):
             timings[stage] = fsutil.read_json(layout.timing(stage))["seconds"]
     shards = fsutil.read_json(layout.manifest)["shards"]
-    result = compute_stats(prep.rows, counts, outcome.kept, meta, shards, timings, load_egress_counts(layout))
+    result = compute_stats(prep.rows, counts, outcome.kept, meta, shards, timings, load_egress_counts(layout),
+                           load_watchdog_kills(layout))
     fsutil.write_json(layout.stats_json, result)
     fsutil.write_text(layout.stats_md, stats_markdown(result))
     if echo:

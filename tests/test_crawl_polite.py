@@ -230,6 +230,8 @@ def test_watchdog_kills_a_stuck_shard_and_the_build_finishes(tmp_path: Path) -> 
         assert elapsed < 90  # two kills at 1 + 2 + 0.5 s, not a hang
         kills = json.loads((tmp_path / "out" / "crawl" / "00000_watchdog.json").read_text())
         assert kills["kills"] == 2
+        assert first["watchdog_kills"] == 2
+        assert "| watchdog | stuck crawl processes killed | 2 |" in (tmp_path / "out" / "stats.md").read_text()
         # killed samples are transient: a --retry-failed run fetches them
         second = stages(config(tmp_path, processes=1), retry_failed=True)
         assert second["kept"] == 3 and second["counts"] == {}
