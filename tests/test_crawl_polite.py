@@ -12,6 +12,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from PIL import Image
 import data_server_cases as cases
 from polite_server import ScriptServer, Step
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow]
 UA = "clip-pretrain/1.0 (+https://example.org/crawler)"
 HOSTS = {"misc.test": ["127.0.0.1"], "polite.test": ["127.0.0.1"]}
@@ -212,7 +215,7 @@ def _stop_workers(stop: threading.Event, stopped: list[int]) -> None:
 @pytest.mark.timeout(300)
 def test_watchdog_kills_a_stuck_shard_and_the_build_finishes(tmp_path: Path) -> None:
     with ScriptServer({f"/w{i}.jpg": [Step(body=jpeg(300 + i))] for i in range(3)}) as srv:
-        url_table([srv.url(f"/w{i}.jpg", "misc.test") for i in range(3)], tmp_path / "urls.parquet")
+        url_table([srv.url(f"/w{i}.jpg") for i in range(3)], tmp_path / "urls.parquet")
         cfg = config(tmp_path, processes=1, **{"crawl.shard_deadline": 1.0, "crawl.shard_grace_s": 0.5,
                                                "crawl.max_shard_retry": 1})
         stop, stopped = threading.Event(), []
@@ -232,7 +235,12 @@ def test_watchdog_kills_a_stuck_shard_and_the_build_finishes(tmp_path: Path) -> 
         assert kills["kills"] == 2
         assert first["watchdog_kills"] == 2
         assert "| watchdog | stuck crawl processes killed | 2 |" in (tmp_path / "out" / "stats.md").read_text()
-        # killed samples are transient: a --retry-failed run fetches them
-        second = stages(config(tmp_path, processes=1), retry_failed=True)
+        # killed samples are transient: a --retry-failed run (the command line) fetches them
+        r = subprocess.run([sys.executable, "-m", "data_pipeline", "build", "--output", str(tmp_path / "out"),
+                            "--retry-failed", "--crawl.shard_deadline=60"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=240,
+                           env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        second = json.loads((tmp_path / "out" / "stats.json").read_text())
         assert second["kept"] == 3 and second["counts"] == {}
         assert all(srv.count(f"/w{i}.jpg") >= 1 for i in range(3))
