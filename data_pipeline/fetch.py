@@ -182,7 +182,7 @@ class Fetcher:
         return float("inf") if self.shard_deadline_at is None else self.shard_deadline_at - time.monotonic()
 
     def _with_retries(self, url: str) -> bytes:
-        attempt, waited = 0, 0.0
+        attempt, busy_since = 0, None
         while True:
             if self._left() <= 0:
                 raise _Fail(SHARD_DEADLINE, "the crawl shard's deadline passed before this download started")
@@ -193,9 +193,10 @@ class Fetcher:
                     # Ask again after about one host interval (the proxy's Retry-After is whole
                     # seconds, and a tunnel's refusal shows no headers); jitter spreads the threads.
                     pause = max(0.02, self.s.host_interval_s) * random.uniform(0.5, 1.5)
-                    if waited + pause > self.s.host_wait_s or pause > self._left():
+                    now = time.monotonic()
+                    busy_since = now if busy_since is None else busy_since  # the proxy's queue time counts too
+                    if now - busy_since + pause > self.s.host_wait_s or pause > self._left():
                         raise _Fail(HOST_BUSY, f"no slot for this host within crawl.host_wait_s: {f.text}") from None
-                    waited += pause
                     time.sleep(pause)
                     continue
                 if f.reason not in RETRY_NOW or attempt >= self.s.retries:
