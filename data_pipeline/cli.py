@@ -1,6 +1,7 @@
 """``clip-data`` / ``python -m data_pipeline``: build an image-text dataset from a URL list.
 
     clip-data build --urls urls.parquet --output out/ [--config build.yaml] [--crawl.timeout=5 ...]
+    clip-data build --output out/ --retry-failed   # fetch the transient failures again, rebuild
     clip-data crawl  --urls urls.parquet --output out/     # stages alone, in this order
     clip-data filter --output out/
     clip-data shard  --output out/
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="img2dataset distributor (default multiprocessing)")
             p.add_argument("--allow-private-addresses", action="store_true", default=None,
                            help="crawl loopback/private hosts too (for a local test server)")
+            p.add_argument("--retry-failed", action="store_true",
+                           help="once the crawl is complete, fetch again only the samples that failed "
+                                "transiently (timeouts, 429/503, deadlines, ...) into new crawl shards")
     return ap
 
 
@@ -120,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _resolve(args, rest)
         stage: Callable[..., Any] = {"build": pipeline.build, "crawl": pipeline.crawl, "filter": pipeline.filter,
                                      "shard": pipeline.shard, "stats": pipeline.stats}[args.command]
-        stage(cfg)
+        if getattr(args, "retry_failed", False):
+            stage(cfg, retry_failed=True)
+        else:
+            stage(cfg)
     except (ConfigError, InputError, OutputMismatchError, pipeline.StageOrderError, DistributorUnavailableError) as e:
         print(f"clip-data {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2

@@ -51,21 +51,39 @@ class CrawlConfig:
         "seconds one connection (one download, or one redirect hop) may take in all; slower: cut"))
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_h(
         "largest response body the crawl accepts, in bytes; larger: refused (Content-Length) or cut"))
-    retries: int = field(default=0, metadata=_h("extra download attempts per URL"))
+    retries: int = field(default=2, metadata=_h(
+        "extra attempts per URL after a transient failure (timeout, connection reset, 429, 502-504)"))
+    backoff_s: float = field(default=1.0, metadata=_h(
+        "base of the exponential backoff between attempts (full jitter: up to backoff_s * 2**attempt)"))
+    max_retry_after_s: float = field(default=60.0, metadata=_h(
+        "longest Retry-After waited for; a longer one fails the URL now (--retry-failed fetches it later)"))
+    host_max_connections: int = field(default=8, metadata=_h(
+        "connections to one host at once, over all crawl processes and machines (0: no limit)"))
+    host_rate: float = field(default=4.0, metadata=_h(
+        "new connections per second to one host, over all crawl processes and machines (0: no limit)"))
+    host_wait_s: float = field(default=600.0, metadata=_h(
+        "longest a URL waits in all for a slot of its host; then politeness/host_busy (transient)"))
+    shard_deadline: float = field(default=7200.0, metadata=_h(
+        "seconds a crawl shard may take: no download starts after it (crawl/shard_deadline)"))
+    shard_grace_s: float = field(default=120.0, metadata=_h(
+        "the watchdog kills a crawl shard's process still running shard_deadline + download_deadline + "
+        "this many seconds after it started, and retries the shard (max_shard_retry times)"))
     thread_count: int = field(default=64, metadata=_h("download threads per process"))
     number_sample_per_shard: int = field(default=10_000, metadata=_h("URLs per crawl tar"))
     distributor: Literal["multiprocessing", "pyspark", "ray"] = field(
         default="multiprocessing", metadata=_h("img2dataset distributor (pyspark/ray: many machines)"))
     subjob_size: int = field(default=1000, metadata=_h("pyspark: crawl shards per Spark job"))
-    max_shard_retry: int = field(default=1, metadata=_h("img2dataset retries of a failed crawl shard"))
+    max_shard_retry: int = field(default=1, metadata=_h(
+        "more attempts at a crawl shard whose process was killed by the watchdog or failed"))
     disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_OPT_OUTS), metadata=_h(
         "X-Robots-Tag directives that opt an image out ([] honours none)"))
     user_agent_token: str | None = field(default=None, metadata=_h(
-        "token added to img2dataset's User-Agent and matched in X-Robots-Tag (null: crawl.user_agent)"))
+        "token matched in X-Robots-Tag's per-agent directives (null: crawl.user_agent)"))
     user_agent: str = field(default="clip-pretrain", metadata=_h(
         "the crawler's product token: robots.txt rules are matched for it"))
     contact_url: str | None = field(default=None, metadata=_h(
-        "URL site owners can reach the crawl's operator at, sent in the User-Agent"))
+        "URL site owners can reach the crawl's operator at: every request's User-Agent is "
+        "'<user_agent>/1.0 (+<contact_url>)'"))
     robots_txt: bool = field(default=True, metadata=_h("honour robots.txt (fetched once per host before the crawl)"))
     robots_unreachable: Literal["allow", "deny"] = field(default="allow", metadata=_h(
         "robots.txt answering 5xx or unreachable: allow the host's URLs (the crawl's own fetch "
@@ -90,6 +108,12 @@ class CrawlConfig:
                 raise ValueError(f"crawl.{name} must be >= 1")
         if self.timeout <= 0 or self.retries < 0:
             raise ValueError("crawl.timeout must be > 0 and crawl.retries >= 0")
+        if self.backoff_s < 0 or self.max_retry_after_s < 0 or self.host_wait_s < 0:
+            raise ValueError("crawl.backoff_s, crawl.max_retry_after_s and crawl.host_wait_s must be >= 0")
+        if self.host_max_connections < 0 or self.host_rate < 0:
+            raise ValueError("crawl.host_max_connections and crawl.host_rate must be >= 0 (0: no limit)")
+        if self.shard_deadline <= 0 or self.shard_grace_s < 0:
+            raise ValueError("crawl.shard_deadline must be > 0 and crawl.shard_grace_s >= 0")
         if self.robots_deadline <= 0:
             raise ValueError("crawl.robots_deadline must be > 0")
         if not re.fullmatch(r"[A-Za-z_-]+", self.user_agent):
@@ -139,6 +163,9 @@ _NOT_IDENTITY = {
     "output", "processes",
     "crawl.thread_count", "crawl.distributor", "crawl.subjob_size", "crawl.max_shard_retry",
     "crawl.egress_bind", "crawl.egress_port", "crawl.egress_advertise", "crawl.contact_url", "crawl.robots_deadline",
+    # how hard and how politely the crawl tries, not what it is given
+    "crawl.retries", "crawl.backoff_s", "crawl.max_retry_after_s", "crawl.host_max_connections", "crawl.host_rate",
+    "crawl.host_wait_s", "crawl.shard_deadline", "crawl.shard_grace_s",
     "filter.clip_score.batch_size", "filter.clip_score.device",
     # both engines of pass 2 write byte-identical decisions
     "filter.global_pass.engine", "filter.global_pass.spark_min_rows", "filter.global_pass.spark_master",

@@ -1,19 +1,25 @@
 """Crawl stage: safety-checked URL list -> img2dataset -> webdataset tars in ``OUT/crawl``.
 
 img2dataset does the downloading (threads x processes, or the pyspark/ray distributors on a
-cluster); this module only prepares its input (:mod:`data_pipeline.prepare`), calls it in
-incremental mode (a rerun skips crawl shards whose ``_stats.json`` exists, so a killed
-crawl continues), checks that every crawl shard finished, and turns its per-sample
-status/error_message into counted reasons (:mod:`data_pipeline.crawl_counts`).
+cluster): this module prepares its input (:mod:`data_pipeline.prepare`), runs its reader,
+writer and distributors with the crawl's own shard downloader
+(:mod:`data_pipeline.crawl_worker`: the crawl's fetcher, :mod:`data_pipeline.fetch`, in
+place of img2dataset's per-URL function, and a watchdog per shard), skips crawl shards
+whose ``_stats.json`` exists (a killed crawl continues), checks that every crawl shard
+finished, and turns each sample's status/error_message into a counted reason
+(:mod:`data_pipeline.crawl_counts`). ``--retry-failed`` adds a round of the transient
+failures (:mod:`data_pipeline.retry_failed`).
 
     summary = run_crawl(cfg, layout)
+    summary = run_crawl(cfg, layout, retry_failed=True)
 
 Every fetch goes through the crawl's egress proxy (:mod:`data_pipeline.egress`), started
 for the duration of ``img2dataset.download``: the address policy of the URL check
 (:mod:`data_pipeline.safety`) is enforced again at connect time for every connection and
 redirect hop, unresolvable names are refused, bodies are capped and each connection has
-an overall deadline. Its counts by reason are saved in ``OUT/crawl/egress.json`` (summed
-over reruns) and reported by the stats stage. Config keys (``crawl.`` section):
+an overall deadline, and the per-host limits hold (:mod:`data_pipeline.politeness`). Its
+counts by reason are saved in ``OUT/crawl/egress.json`` (summed over reruns) and reported
+by the stats stage. Config keys (``crawl.`` section):
 
   download_deadline  seconds one connection (one download or redirect hop) may take in
                      all (default 60); ``timeout`` stays the per-socket-operation limit
@@ -21,6 +27,9 @@ over reruns) and reported by the stats stage. Config keys (``crawl.`` section):
   egress_bind        address the proxy listens on (default 127.0.0.1)
   egress_port        its port (default 0: a free one)
   egress_advertise   address workers use to reach it (default: egress_bind)
+  retries, backoff_s, max_retry_after_s      transient failures (:mod:`data_pipeline.fetch`)
+  host_max_connections, host_rate, host_wait_s   per-host politeness
+  shard_deadline, shard_grace_s, max_shard_retry the shard watchdog
 
 Distributors: ``multiprocessing`` (default, this machine), ``pyspark`` (img2dataset uses
 the active SparkSession, or starts ``local[processes]``) and ``ray`` (the connected Ray
@@ -51,10 +60,13 @@ from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
 from data_pipeline.egress import EgressProxy
 from data_pipeline.layout import Layout
+from data_pipeline.politeness import queue_seconds
 from data_pipeline.prepare import PrepareSummary, address_policy, prepare_inputs
+from data_pipeline.retry_failed import RetryRound, load_rounds, plan_retry_round
 from data_pipeline.safety import AddressPolicy, Resolver, resolve_host
 
 EGRESS_COUNTS = "egress.json"
+WATCHDOG_SUFFIX = "_watchdog.json"  # NNNNN_watchdog.json: the shard watchdog's kills of that shard
 
 
 class CrawlIncompleteError(RuntimeError):
@@ -70,10 +82,12 @@ class CrawlPlan:
         return f"{shard_id:0{self.oom_shard_count}d}"
 
 
-def plan_crawl(prep: PrepareSummary, samples_per_shard: int) -> CrawlPlan:
-    """img2dataset numbers crawl shards consecutively over its (sorted) input files."""
+def plan_crawl(prep: PrepareSummary, samples_per_shard: int, rounds: list[RetryRound] | None = None) -> CrawlPlan:
+    """img2dataset numbers crawl shards consecutively over its (sorted) input files; the
+    ``--retry-failed`` rounds' shards follow. Names keep the first crawl's width."""
     n = sum(math.ceil(p / samples_per_shard) for p in prep.passed)
-    return CrawlPlan(list(range(n)), max(5, len(str(max(n - 1, 0)))))
+    total = n + sum(r.shards for r in rounds or [])
+    return CrawlPlan(list(range(total)), max(5, len(str(max(n - 1, 0)))))
 
 
 def crawl_tars(layout: Layout, plan: CrawlPlan) -> list[str]:
@@ -164,6 +178,11 @@ def load_egress_counts(layout: Layout) -> dict[str, int]:
     return dict(fsutil.read_json(path)["counts"]) if fsutil.exists(path) else {}
 
 
+def load_watchdog_kills(layout: Layout) -> int:
+    """How many times the shard watchdog killed a stuck crawl process (:mod:`data_pipeline.crawl_worker`)."""
+    return sum(int(fsutil.read_json(p)["kills"]) for p in fsutil.glob(fsutil.join(layout.crawl_dir, "*" + WATCHDOG_SUFFIX)))
+
+
 def _save_egress_counts(layout: Layout, counts: dict[str, int]) -> None:
     total = Counter(load_egress_counts(layout))
     total.update(counts)
@@ -186,57 +205,90 @@ def _check_distributor(name: str) -> None:
             f"crawl.distributor={name} needs the {module} package: pip install {module}") from e
 
 
+@dataclass
+class CrawlInput:
+    """One img2dataset input (a directory of parquet files, or one file), its crawl shards
+    numbered from ``first_shard``."""
+    url_list: str
+    first_shard: int
+
+
+def crawl_inputs(layout: Layout, rounds: list[RetryRound]) -> list[CrawlInput]:
+    return [CrawlInput(layout.input_dir, 0)] + [CrawlInput(r.file, r.first_shard) for r in rounds]
+
+
 def download(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: int,
-             policy: AddressPolicy | None = None, resolver: Resolver = resolve_host) -> dict[str, int]:
-    """One img2dataset.download call over ``OUT/input`` (incremental: resumes), every fetch
-    through the egress proxy; returns the proxy's counts (also added to ``egress.json``)."""
+             policy: AddressPolicy | None = None, resolver: Resolver = resolve_host,
+             inputs: list[CrawlInput] | None = None) -> dict[str, int]:
+    """Crawl ``inputs`` (default: ``OUT/input``) with img2dataset's reader, writer and
+    distributors, shard by shard under the watchdog (:mod:`data_pipeline.crawl_worker`),
+    every fetch through the egress proxy; finished crawl shards are skipped (a rerun
+    resumes). Returns the proxy's counts (also added to ``egress.json``)."""
     _check_distributor(cfg.crawl.distributor)
     c = cfg.crawl
     extra = _extra_columns(layout)
     proxy = EgressProxy(policy or address_policy(cfg), resolver=resolver, max_body_bytes=c.max_body_bytes,
-                        deadline=c.download_deadline, host=c.egress_bind, port=c.egress_port)
+                        deadline=c.download_deadline, host=c.egress_bind, port=c.egress_port,
+                        host_max_connections=c.host_max_connections, host_rate=c.host_rate,
+                        host_queue_s=queue_seconds(c.timeout))
     with proxy, crawl_environment(cfg, proxy):
-        _run_img2dataset(cfg, layout, processes, oom_shard_count, extra)
+        _run_img2dataset(cfg, layout, processes, oom_shard_count, extra,
+                         inputs or [CrawlInput(layout.input_dir, 0)])
     counts = proxy.counts()
     fsutil.makedirs(layout.crawl_dir)
     _save_egress_counts(layout, counts)
     return counts
 
 
+def _absolute(url: str) -> str:
+    fs, path = fsutil.url_to_fs(url)
+    return os.path.abspath(path) if fsutil.is_local(fs) else url
+
+
 def _run_img2dataset(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: int,
-                     extra: list[str]) -> None:
-    import img2dataset  # inside the crawl environment: it imports cv2 (reads the pixel cap)
+                     extra: list[str], inputs: list[CrawlInput]) -> None:
+    """What ``img2dataset.download`` does, with our downloader (the crawl's fetcher and the
+    watchdog) and the first shard id of each input chosen by us (a retry round's shards
+    follow all earlier ones)."""
+    # Inside the crawl environment: these import cv2 (reads the pixel cap).
+    from img2dataset import distributor
+    from img2dataset.reader import Reader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    from data_pipeline.crawl_worker import CrawlDownloader
+    from data_pipeline.fetch import FetchSettings
 
     c = cfg.crawl
-    img2dataset.download(
-        url_list=layout.input_dir,
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption" if c.caption_col else None,
-        save_additional_columns=extra,
-        output_folder=layout.crawl_dir,
-        output_format="webdataset",
-        image_size=c.image_size,
-        resize_mode=c.resize_mode,
-        resize_only_if_bigger=c.resize_only_if_bigger,
-        encode_format=c.encode_format,
-        encode_quality=c.encode_quality,
-        compute_hash="sha256",
-        timeout=c.timeout,  # type: ignore[arg-type]  # urllib takes float seconds
-        retries=c.retries,
-        thread_count=c.thread_count,
-        processes_count=processes,
-        number_sample_per_shard=c.number_sample_per_shard,
-        oom_shard_count=oom_shard_count,
-        distributor=c.distributor,
-        subjob_size=c.subjob_size,
-        max_shard_retry=c.max_shard_retry,
-        disallowed_header_directives=list(c.disallowed_header_directives),
-        user_agent_token=c.user_agent_token or c.user_agent,
-        incremental_mode="incremental",
-        enable_wandb=False,
-        extract_exif=False,  # EXIF is not used downstream and costs time per image
-    )
+    out = _absolute(layout.crawl_dir)
+    fsutil.makedirs(out)
+    tmp = fsutil.join(out, "_tmp")
+    fsutil.makedirs(tmp)
+    done = {int(p.rsplit("/", 1)[-1].split("_")[0]) for p in fsutil.glob(fsutil.join(out, "*_stats.json"))}
+    resizer = Resizer(image_size=c.image_size, resize_mode=c.resize_mode, resize_only_if_bigger=c.resize_only_if_bigger,
+                      encode_quality=c.encode_quality, encode_format=c.encode_format)
+    run = {"multiprocessing": distributor.multiprocessing_distributor, "pyspark": distributor.pyspark_distributor,
+           "ray": distributor.ray_distributor}[c.distributor]
+    caption = "caption" if c.caption_col else None
+    for inp in inputs:
+        reader = Reader(_absolute(inp.url_list), "parquet", "url", caption, None, None, extra,
+                        c.number_sample_per_shard, done, tmp, inp.first_shard)
+        downloader = CrawlDownloader(
+            fetch=FetchSettings.from_config(c), shard_deadline=c.shard_deadline, grace_s=c.shard_grace_s,
+            max_shard_retry=c.max_shard_retry,
+            sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=c.thread_count,
+            save_caption=caption is not None,
+            extract_exif=False,  # EXIF is not used downstream and costs time per image
+            output_folder=out, column_list=reader.column_list, timeout=c.timeout,
+            number_sample_per_shard=c.number_sample_per_shard, oom_shard_count=oom_shard_count,
+            compute_hash="sha256", verify_hash_type=None, encode_format=c.encode_format, retries=c.retries,
+            user_agent_token=c.user_agent_token or c.user_agent,
+            disallowed_header_directives=list(c.disallowed_header_directives))
+        # The watchdog retries a shard itself; the distributor's retry is for a worker that died.
+        run(processes, downloader, reader, c.subjob_size, c.max_shard_retry)
+    fs, path = fsutil.url_to_fs(tmp)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _extra_columns(layout: Layout) -> list[str]:
@@ -257,15 +309,29 @@ class CrawlSummary:
     egress: dict[str, int] = field(default_factory=dict)  # this run's proxy counts
 
 
-def run_crawl(cfg: BuildConfig, layout: Layout, resolver: Resolver = resolve_host) -> CrawlSummary:
+def run_crawl(cfg: BuildConfig, layout: Layout, resolver: Resolver = resolve_host,
+              retry_failed: bool = False) -> CrawlSummary:
     """Prepare + crawl. ``resolver`` (host, port) -> addresses is used by the URL check and
-    the egress proxy alike (tests give one that answers like a rebinding DNS server)."""
+    the egress proxy alike (tests give one that answers like a rebinding DNS server).
+    ``retry_failed``: once the crawl is complete, crawl its transient failures again as a
+    new round (:mod:`data_pipeline.retry_failed`)."""
     policy = address_policy(cfg)
     prep = prepare_inputs(cfg, layout, policy=policy, resolver=resolver)
-    plan = plan_crawl(prep, cfg.crawl.number_sample_per_shard)
+    sps = cfg.crawl.number_sample_per_shard
+    rounds = load_rounds(layout)
+    plan = plan_crawl(prep, sps, rounds)
     egress: dict[str, int] = {}
     if plan.shard_ids and unfinished_shards(layout, plan):
-        egress = download(cfg, layout, cfg.resolved_processes(), plan.oom_shard_count, policy, resolver)
+        egress = download(cfg, layout, cfg.resolved_processes(), plan.oom_shard_count, policy, resolver,
+                          crawl_inputs(layout, rounds))
+    if retry_failed and plan.shard_ids and not unfinished_shards(layout, plan):
+        new = plan_retry_round(layout, [plan.name(i) for i in plan.shard_ids], len(plan.shard_ids), sps)
+        if new is not None:
+            rounds.append(new)
+            plan = plan_crawl(prep, sps, rounds)
+            counts = download(cfg, layout, cfg.resolved_processes(), plan.oom_shard_count, policy, resolver,
+                              [CrawlInput(new.file, new.first_shard)])
+            egress = dict(Counter(egress) + Counter(counts))
     missing = unfinished_shards(layout, plan)
     if missing:
         names = ", ".join(plan.name(i) for i in missing[:10])

@@ -14,6 +14,13 @@ Reasons (``stage/reason``):
   download/truncated         the body ended before its declared length (a cut connection)
   crawl/lost                 a URL handed to img2dataset with no outcome row (never expected)
 
+The crawl's fetcher (:mod:`data_pipeline.fetch`) starts each failure message with its
+reason in brackets (``[download/too_many_requests] HTTP Error 429: ...``); that reason is
+counted as is (adding ``optout/tdm_reservation_header``, ``download/too_many_requests``,
+``download/unavailable``, ``download/deadline``, ``politeness/host_busy``,
+``crawl/shard_deadline``, ``crawl/shard_killed``, ``crawl/shard_failed``). The text
+classification below reads crawl shards written without it.
+
 Refusals and failures of the egress proxy (:mod:`data_pipeline.egress`) arrive as the
 reason phrase of its answer (``HTTP Error 403: safety/redirect_to_private``, ``Tunnel
 connection failed: 403 safety/private_address``) and are counted under that reason:
@@ -34,6 +41,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline import fsutil
 from data_pipeline.egress import REASONS as EGRESS_REASONS
+from data_pipeline.fetch import tag_of
 from data_pipeline.layout import Layout
 
 LOST = "crawl/lost"
@@ -48,6 +56,10 @@ def classify(status: str | None, error: str | None) -> str | None:
     if status == "success":
         return None
     msg = error or ""
+    if status == "failed_to_download":
+        tag = tag_of(msg)  # the crawl's fetcher names its reason first
+        if tag is not None:
+            return tag
     low = msg.lower()
     if status == "failed_to_resize":
         if "cv_io_max_image_pixels" in low:
@@ -75,6 +87,23 @@ def classify(status: str | None, error: str | None) -> str | None:
     return "download/error"
 
 
+def row_outcomes(layout: Layout, shard_names: list[str]) -> dict[int, tuple[str | None, str]]:
+    """input_row -> (reason or None for a success, crawl shard name) over ``shard_names``
+    in order: a success anywhere wins (a ``--retry-failed`` round fetched it), else the
+    last failure counts; a sample written twice by a retried shard counts once."""
+    out: dict[int, tuple[str | None, str]] = {}
+    for name in shard_names:
+        url = fsutil.join(layout.crawl_dir, name + ".parquet")
+        fs, path = fsutil.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f, columns=["input_row", "status", "error_message"]).to_pydict()
+        for row, status, err in zip(t["input_row"], t["status"], t["error_message"]):
+            if row in out and out[row][0] is None:
+                continue
+            out[row] = (classify(status, err), name)
+    return out
+
+
 def crawl_accounting(layout: Layout, shard_names: list[str], passed: int) -> tuple[dict[str, int], int]:
     """(counts by reason, number of successes) over the crawl shards ``shard_names``.
 
@@ -82,22 +111,13 @@ def crawl_accounting(layout: Layout, shard_names: list[str], passed: int) -> tup
     ``crawl/lost`` so the totals always add up.
     """
     counts: Counter[str] = Counter()
-    seen: set[int] = set()
     successes = 0
-    for name in shard_names:
-        url = fsutil.join(layout.crawl_dir, name + ".parquet")
-        fs, path = fsutil.url_to_fs(url)
-        with fs.open(path, "rb") as f:
-            t = pq.read_table(f, columns=["input_row", "status", "error_message"]).to_pydict()
-        for row, status, err in zip(t["input_row"], t["status"], t["error_message"]):
-            if row in seen:
-                continue  # a sample written twice by a retried shard counts once
-            seen.add(row)
-            reason = classify(status, err)
-            if reason is None:
-                successes += 1
-            else:
-                counts[reason] += 1
-    if passed > len(seen):
-        counts[LOST] += passed - len(seen)
+    outcomes = row_outcomes(layout, shard_names)
+    for reason, _ in outcomes.values():
+        if reason is None:
+            successes += 1
+        else:
+            counts[reason] += 1
+    if passed > len(outcomes):
+        counts[LOST] += passed - len(outcomes)
     return dict(sorted(counts.items())), successes

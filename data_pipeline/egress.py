@@ -27,7 +27,12 @@ or a ``CONNECT`` tunnel for https) it:
   once that many bytes came from the origin, tunnels included: the bytes then count TLS
   records);
 - gives the connection ``deadline`` seconds in all -> ``safety/deadline`` (urllib sends
-  ``Connection: close``: one connection is one download, or one redirect hop).
+  ``Connection: close``: one connection is one download, or one redirect hop), counted
+  from when it may go out (after the politeness queue below);
+- admits at most ``host_max_connections`` connections per host at once and new ones at
+  most ``host_rate`` per second per host (:mod:`data_pipeline.politeness`: why here),
+  holding a connection back for at most ``host_queue_s``; past that it answers ``503
+  politeness/host_busy`` with ``Retry-After``, and the crawl's fetcher asks again later.
 
 A refusal before any response byte is an HTTP answer whose reason phrase is the counted
 reason (``HTTP/1.1 403 safety/private_address``): img2dataset records it as the sample's
@@ -53,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import math
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +67,7 @@ from urllib.parse import urljoin, urlsplit
 
 import h11
 
+from data_pipeline import politeness
 from data_pipeline.safety import (
     ALLOWED_SCHEMES, BAD_SCHEME, PRIVATE_ADDRESS, UNRESOLVABLE, AddressPolicy, Resolver, literal_address,
     resolve_host,
@@ -73,9 +80,10 @@ BODY_TOO_LARGE = "safety/body_too_large"
 DEADLINE = "safety/deadline"
 CONNECTION_ERROR = "download/connection_error"
 BAD_RESPONSE = "download/bad_response"
+HOST_BUSY = politeness.HOST_BUSY
 # Every reason this proxy can put into a response (crawl_counts trusts only these).
 REASONS = frozenset({BAD_SCHEME, PRIVATE_ADDRESS, UNRESOLVABLE, BAD_REQUEST, REDIRECT_TO_PRIVATE,
-                     REDIRECT_BAD_SCHEME, BODY_TOO_LARGE, DEADLINE, CONNECTION_ERROR, BAD_RESPONSE})
+                     REDIRECT_BAD_SCHEME, BODY_TOO_LARGE, DEADLINE, CONNECTION_ERROR, BAD_RESPONSE, HOST_BUSY})
 PROXY_ENV_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY")
 NO_PROXY_ENV_VARS = ("no_proxy", "NO_PROXY")
 
@@ -88,9 +96,9 @@ _CHUNK = 64 * 1024
 class _Stop(Exception):
     """End this connection: refused (nothing answered yet) or cut (the answer had started)."""
 
-    def __init__(self, reason: str, status: int = 403) -> None:
+    def __init__(self, reason: str, status: int = 403, retry_after: float | None = None) -> None:
         super().__init__(reason)
-        self.reason, self.status = reason, status
+        self.reason, self.status, self.retry_after = reason, status, retry_after
 
 
 class _Conn:
@@ -100,6 +108,23 @@ class _Conn:
         self.writer = writer
         self.upstream: asyncio.StreamWriter | None = None
         self.started = False  # a response (or the tunnel's 200) went to the client
+        self.host_slot: str | None = None  # the host whose politeness slot this connection holds
+        self.expired = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float, task: asyncio.Task[Any]) -> None:
+        """(Re)start the connection's deadline: when it passes, the task is cancelled."""
+        self.disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire, task)
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self.expired = True
+        task.cancel()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class EgressProxy:
@@ -116,6 +141,9 @@ class EgressProxy:
         port: int = 0,
         redirect_memory: int = 4096,
         resolver_threads: int = 64,
+        host_max_connections: int = 0,
+        host_rate: float = 0.0,
+        host_queue_s: float = 2.0,
     ) -> None:
         self.policy, self.resolver = policy, resolver
         self.max_body_bytes, self.deadline = int(max_body_bytes), float(deadline)
@@ -123,6 +151,8 @@ class EgressProxy:
         self._redirect_memory = redirect_memory
         self._redirects: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._counts: Counter[str] = Counter()
+        self.hosts = politeness.HostLimiter(host_max_connections, host_rate)
+        self.host_queue_s = float(host_queue_s)
         self._lock = threading.Lock()
         self._resolver_pool = ThreadPoolExecutor(resolver_threads, thread_name_prefix="egress-dns")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -197,32 +227,38 @@ class EgressProxy:
         self._tasks.add(task)
         conn = _Conn(writer)
         self._count("connections")
+        conn.arm(self.deadline + self.host_queue_s, task)  # restarted once the host slot is taken
         try:
-            await asyncio.wait_for(self._serve(conn, reader), self.deadline)
+            await self._serve(conn, reader)
         except _Stop as stop:
-            self._finish(conn, stop.reason, stop.status)
-        except asyncio.TimeoutError:
-            self._finish(conn, DEADLINE, 504)
+            self._finish(conn, stop.reason, stop.status, stop.retry_after)
+        except asyncio.CancelledError:
+            if conn.expired:
+                self._finish(conn, DEADLINE, 504)
+            # else: the proxy is stopping
         except h11.ProtocolError:
             # From the origin's side (the client's request was parsed before we connected).
             self._finish(conn, BAD_RESPONSE, 502)
         except (OSError, asyncio.IncompleteReadError):
             self._count("aborted")  # either side hung up mid-way
-        except asyncio.CancelledError:
-            pass  # the proxy is stopping
         finally:
+            conn.disarm()
             for w in (conn.upstream, writer):
                 if w is not None:
                     w.close()
+            if conn.host_slot is not None:
+                self.hosts.release(conn.host_slot)
             self._tasks.discard(task)
 
-    def _finish(self, conn: _Conn, reason: str, status: int) -> None:
+    def _finish(self, conn: _Conn, reason: str, status: int, retry_after: float | None = None) -> None:
         self._count(reason)
         if conn.started:
             return  # cut: closing without the rest of the framing is the signal
         phrase = reason.encode("ascii")
+        extra = b"" if retry_after is None else b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after))
         try:
-            conn.writer.write(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (status, phrase))
+            conn.writer.write(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\n%sConnection: close\r\n\r\n"
+                              % (status, phrase, extra))
         except (OSError, RuntimeError):
             pass
 
@@ -245,8 +281,9 @@ class EgressProxy:
         else:
             raise _Stop(BAD_REQUEST, 405)
 
-    async def _admit(self, scheme: str, host: str, port: int) -> list[str]:
-        """The addresses to connect to, all checked; raises _Stop with the reason."""
+    async def _admit(self, conn: _Conn, scheme: str, host: str, port: int) -> list[str]:
+        """The addresses to connect to, all checked, and the host's politeness slot taken;
+        raises _Stop with the reason."""
         literal = literal_address(host)
         if literal is not None:
             addrs = [str(literal)]
@@ -260,7 +297,29 @@ class EgressProxy:
             if reason == PRIVATE_ADDRESS and (scheme, host.lower(), port) in self._redirects:
                 reason = REDIRECT_TO_PRIVATE
             raise _Stop(reason)
+        await self._host_slot(conn, host)  # after the policy: a refused host never waits
         return addrs
+
+    async def _host_slot(self, conn: _Conn, host: str) -> None:
+        """The host's politeness slot (:mod:`data_pipeline.politeness`), waited for at most
+        ``host_queue_s``; else ``politeness/host_busy``."""
+        if self.hosts.enabled:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + self.host_queue_s
+            wait = self.hosts.reserve(host, self.host_queue_s)
+            if wait is None:
+                raise _Stop(HOST_BUSY, 503, self.hosts.next_in(host))
+            if wait > 0:
+                await asyncio.sleep(wait)
+            while not self.hosts.enter(host):
+                if loop.time() >= end:
+                    raise _Stop(HOST_BUSY, 503, self.hosts.next_in(host))
+                await asyncio.sleep(0.02)  # a slot frees when one of the host's connections ends
+            conn.host_slot = host
+        # The deadline judges the origin: it starts when the connection may go out.
+        task = asyncio.current_task()
+        assert task is not None
+        conn.arm(self.deadline, task)
 
     async def _connect(self, conn: _Conn, addrs: list[str], port: int) -> asyncio.StreamReader:
         err: OSError | None = None
@@ -290,7 +349,7 @@ class EgressProxy:
             raise _Stop(BAD_REQUEST, 400) from e
         if not host or port is None:
             raise _Stop(BAD_REQUEST, 400)
-        addrs = await self._admit("https", host, port)
+        addrs = await self._admit(conn, "https", host, port)
         up_reader = await self._connect(conn, addrs, port)
         assert conn.upstream is not None
         conn.writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -322,7 +381,7 @@ class EgressProxy:
         if not scheme or not host:
             raise _Stop(BAD_REQUEST, 400)  # an origin-form request: not a proxy request
         port = port or 80
-        addrs = await self._admit("http", host, port)
+        addrs = await self._admit(conn, "http", host, port)
         up_reader = await self._connect(conn, addrs, port)
         assert conn.upstream is not None
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -334,7 +393,7 @@ class EgressProxy:
         conn.upstream.write(up.send(h11.Request(method=req.method, target=target.encode("ascii"), headers=headers)))
         conn.upstream.write(up.send(h11.EndOfMessage()))
         await conn.upstream.drain()
-        resp = await _next_event(up, up_reader)
+        resp = await _response_head(up, up_reader)
         while isinstance(resp, h11.InformationalResponse):  # 1xx: nothing the client asked for
             resp = await _next_event(up, up_reader)
         if not isinstance(resp, h11.Response):
@@ -387,6 +446,26 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any
         if ev is not h11.NEED_DATA:
             return ev
         conn.receive_data(await reader.read(_CHUNK))
+
+
+async def _response_head(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    """The origin's first event; an origin that resets or closes before sending a byte
+    failed to connect, in effect (the client may try again), not a malformed answer."""
+    got = False
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        try:
+            data = await reader.read(_CHUNK)
+        except ConnectionError as e:
+            if got:
+                raise
+            raise _Stop(CONNECTION_ERROR, 502) from e
+        if not data and not got:
+            raise _Stop(CONNECTION_ERROR, 502)
+        got = True
+        conn.receive_data(data)
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, limit: int | None) -> None:

@@ -14,6 +14,7 @@ from pretrain.fs import (  # noqa: F401 - re-exported
     dumps_json,
     exists,
     glob,
+    is_local,
     join,
     makedirs,
     read_bytes,

@@ -19,13 +19,16 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig, config_dict, dataset_identity
-from data_pipeline.crawl import CrawlPlan, crawl_tars, load_egress_counts, plan_crawl, run_crawl, unfinished_shards
+from data_pipeline.crawl import (
+    CrawlPlan, crawl_tars, load_egress_counts, load_watchdog_kills, plan_crawl, run_crawl, unfinished_shards,
+)
 from data_pipeline.crawl_counts import crawl_accounting
 from data_pipeline.filter_run import FilterOutcome, load_filter_outcome, run_filter
 from data_pipeline.inputs import list_input_files
 from data_pipeline.layout import Layout, OutputInUseError, bind_output, input_fingerprint
 from data_pipeline.manifest import build_manifest
 from data_pipeline.prepare import PrepareSummary, load_prepared
+from data_pipeline.retry_failed import load_rounds
 from data_pipeline.shard import load_crawl_meta, run_shard
 from data_pipeline.stats import compute_stats, stats_markdown, summary_table
 from pretrain.fs import DirBusyError, lock_dir, unlock_dir
@@ -87,17 +90,19 @@ def timed(layout: Layout, stage: str) -> Iterator[None]:
 
 
 @owned
-def crawl(cfg: BuildConfig) -> None:
+def crawl(cfg: BuildConfig, retry_failed: bool = False) -> None:
+    """``retry_failed``: also crawl the transient failures of the finished crawl again, into
+    new crawl shards (:mod:`data_pipeline.retry_failed`); filter and shard then run again."""
     layout = bind(cfg, with_input=True)
     with timed(layout, "crawl"):
-        run_crawl(cfg, layout)
+        run_crawl(cfg, layout, retry_failed=retry_failed)
 
 
 def _finished_crawl(cfg: BuildConfig, layout: Layout) -> tuple[PrepareSummary, CrawlPlan]:
     prep = load_prepared(layout)
     if not prep.files:
         raise StageOrderError(f"no crawl in {layout.root}: run `crawl` (or `build`) first")
-    plan = plan_crawl(prep, cfg.crawl.number_sample_per_shard)
+    plan = plan_crawl(prep, cfg.crawl.number_sample_per_shard, load_rounds(layout))
     if unfinished_shards(layout, plan):
         raise StageOrderError(f"the crawl in {layout.root} is not finished: rerun `crawl` to complete it")
     return prep, plan
@@ -148,7 +153,8 @@ def stats(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
         if fsutil.exists(layout.timing(stage)):
             timings[stage] = fsutil.read_json(layout.timing(stage))["seconds"]
     shards = fsutil.read_json(layout.manifest)["shards"]
-    result = compute_stats(prep.rows, counts, outcome.kept, meta, shards, timings, load_egress_counts(layout))
+    result = compute_stats(prep.rows, counts, outcome.kept, meta, shards, timings, load_egress_counts(layout),
+                           load_watchdog_kills(layout))
     fsutil.write_json(layout.stats_json, result)
     fsutil.write_text(layout.stats_md, stats_markdown(result))
     if echo:
@@ -159,8 +165,8 @@ def stats(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
 
 
 @owned
-def build(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
-    crawl(cfg)
+def build(cfg: BuildConfig, echo: bool = True, retry_failed: bool = False) -> dict[str, Any]:
+    crawl(cfg, retry_failed=retry_failed)
     filter(cfg)
     shard(cfg)
     return stats(cfg, echo=echo)

@@ -6,9 +6,10 @@ histograms of the kept samples, and the stage durations. ``egress`` holds the cr
 egress proxy counts (:mod:`data_pipeline.egress`): per connection, so a URL whose
 redirect was refused counts once there per hop, and a body cut mid-way (counted per URL
 as ``download/truncated``) shows there with its cause (``safety/body_too_large``,
-``safety/deadline``).
+``safety/deadline``). ``watchdog_kills`` counts the crawl processes the shard watchdog
+killed (:mod:`data_pipeline.crawl_worker`; their shards were retried).
 
-    stats = compute_stats(rows_in, counts, kept, meta, shards, timings, egress)
+    stats = compute_stats(rows_in, counts, kept, meta, shards, timings, egress, watchdog_kills)
     print(summary_table(stats)); write_text(path, stats_markdown(stats))
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ def compute_stats(
     shards: list[dict[str, Any]],
     timings: dict[str, float],
     egress: dict[str, int] | None = None,
+    watchdog_kills: int = 0,
 ) -> dict[str, Any]:
     by_stage: Counter[str] = Counter()
     for reason, n in counts.items():
@@ -70,6 +72,7 @@ def compute_stats(
         },
         "timings_s": {k: round(float(v), 3) for k, v in sorted(timings.items())},
         "egress": dict(sorted((k, int(v)) for k, v in (egress or {}).items())),
+        "watchdog_kills": int(watchdog_kills),
     }
 
 
@@ -84,6 +87,8 @@ def _rows(stats: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows.append(("output", "shards", f"{stats['num_shards']} ({stats['total_samples']} samples)"))
     for reason, n in stats.get("egress", {}).items():
         rows.append(("egress", reason, str(n)))
+    if stats.get("watchdog_kills"):
+        rows.append(("watchdog", "stuck crawl processes killed", str(stats["watchdog_kills"])))
     for stage, secs in stats["timings_s"].items():
         rows.append(("time", stage, f"{secs:.1f} s"))
     return rows

@@ -149,7 +149,7 @@ def crawl(tmp_path_factory):
             ("http://nonexistent.invalid/a.jpg", "safety/unresolvable"),
             (srv.url("big.jpg"), "safety/body_too_large"),
             (f"{d}/stream.jpg", "download/truncated"),
-            (f"{d}/drip.jpg", "download/truncated"),
+            (f"{d}/drip.jpg", "download/deadline"),  # cut by the proxy at the deadline
             (f"{d}/slowhead.jpg", "safety/deadline"),
         ]
         pd.DataFrame({"url": [u for u, _ in rows],
