@@ -95,7 +95,7 @@ def server(tmp_path_factory):
 def trained(server, tmp_path_factory):
     data = caption_data(tmp_path_factory.mktemp("shards"), corrupt=False)
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    extra = [f"--logging.tracking_uri={server.url}", f"--logging.registered_model_name={NAME}",
+    extra = [f"--logging.tracking_uri={server.url}", "--logging.log_model=true", f"--logging.registered_model_name={NAME}",
              "--logging.experiment=mlflow-model-test"]
     run = launch(run_dir, tiny_overrides(data, steps=4, extra=extra), nprocs=1)
     assert run.rc == 0, run.output[-6000:]
