@@ -3,7 +3,7 @@
 within 0.2 points on the demo's test split.
 
     .venv/bin/python benchmarks/clip_benchmark_agreement.py RUN_DIR [--dataset packaged:fashion-mnist]
-        [--limit N] [--work DIR] [--max-diff 0.2]
+        [--tag TAG] [--limit N] [--work DIR] [--max-diff 0.2]
 
 RUN_DIR: a training run (e.g. `make demo`'s demo_out/run). Steps, all on CPU in fp32:
 1. ours: `python -m pretrain.eval zeroshot --checkpoint RUN_DIR --dataset DATASET` (the
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--dataset", default="packaged:fashion-mnist")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one, read once)")
     p.add_argument("--limit", type=int, default=None, help="a fixed subset (both sides see the same items)")
     p.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     p.add_argument("--max-diff", type=float, default=0.2, help="allowed top-1 difference, in points")
@@ -115,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.eval.datasets import load_eval_dataset
     from pretrain.eval.templates import resolve_templates
 
+    from pretrain.modelio import newest_complete_tag
+
+    # one tag for both sides, even while the run is still writing checkpoints
+    tag = args.tag or newest_complete_tag(args.run_dir)
+    if tag is None:
+        sys.exit(f"{args.run_dir}: no complete checkpoint")
     work = Path(args.work or tempfile.mkdtemp(prefix="cb_agree_"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. ours
     ours_dir = work / "ours"
     lim = ["--limit", str(args.limit)] if args.limit else []
-    run([sys.executable, "-m", "pretrain.eval", "zeroshot", "--checkpoint", args.run_dir, "--dataset", args.dataset,
+    run([sys.executable, "-m", "pretrain.eval", "zeroshot", "--checkpoint", args.run_dir, "--tag", tag, "--dataset", args.dataset,
          "--device", "cpu", "--no-cache", "--quiet", "--output-dir", str(ours_dir), *lim], env=env)
     own = [q for q in sorted(ours_dir.glob("*.json")) if not q.name.endswith(".clip_benchmark.json")]
     cb_layout = sorted(ours_dir.glob("*.clip_benchmark.json"))
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_cb = json.loads(cb_layout[0].read_text()) if cb_layout else None
     # 2. the export
     export = work / "export"
-    run([sys.executable, "-m", "pretrain.export", args.run_dir, str(export / MODEL_NAME), "--open-clip-config"], env=env)
+    run([sys.executable, "-m", "pretrain.export", args.run_dir, str(export / MODEL_NAME), "--tag", tag, "--open-clip-config"], env=env)
     # 3. the same items for clip_benchmark
     ds = load_eval_dataset(args.dataset, split="test", limit=args.limit)
     templates = resolve_templates("auto", ds.name)
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# date {_dt.datetime.now().isoformat(timespec='minutes')}, device {os.cpu_count()}-core CPU "
           f"({platform.processor() or platform.machine()}), load avg {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
           f"torch {torch.__version__}, {versions}")
-    print(f"# {args.run_dir} on {ds.name} test ({m['n']} images), {len(templates)} templates, fp32 CPU\n")
+    print(f"# {args.run_dir} ({tag}) on {ds.name} test ({m['n']} images), {len(templates)} templates, fp32 CPU\n")
     print("| metric | ours (pretrain.eval) | clip_benchmark (open_clip, our export) | diff (points) |")
     print("|---|---|---|---|")
     for name, a, b in rows:

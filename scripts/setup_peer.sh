@@ -21,7 +21,8 @@ fi
 PY=${PYTHON:-python3}
 VENV=${PEER_VENV:-.venv-peer}
 STAMP="$VENV/.setup-done"
-PINS=(torch==2.14.1 torchvision==0.29.1 open-clip-torch==3.3.0 clip-benchmark==1.6.2)
+# requests: imported by clip_benchmark's CLI (its dataset builders) but not declared by its wheel
+PINS=(torch==2.14.1 torchvision==0.29.1 open-clip-torch==3.3.0 clip-benchmark==1.6.2 requests)
 
 if [ "$VENV" = ".venv" ]; then
   echo "[peer-setup] refusing to install open_clip into the project's .venv" >&2
@@ -37,7 +38,7 @@ if [ ! -f "$STAMP" ] || [ "$0" -nt "$STAMP" ]; then
   "$VENV/bin/pip" install -q "${PINS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
   # Import check: a half-installed environment must not get the stamp.
   "$VENV/bin/python" -c "
-import open_clip, clip_benchmark.metrics.zeroshot_classification, torch, torchvision
+import open_clip, clip_benchmark.cli, torch, torchvision
 print(f'[peer-setup] torch {torch.__version__}, torchvision {torchvision.__version__}, open_clip {open_clip.__version__}')
 "
   touch "$STAMP"
