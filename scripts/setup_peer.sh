@@ -21,8 +21,10 @@ fi
 PY=${PYTHON:-python3}
 VENV=${PEER_VENV:-.venv-peer}
 STAMP="$VENV/.setup-done"
-# requests: imported by clip_benchmark's CLI (its dataset builders) but not declared by its wheel
-PINS=(torch==2.14.1 torchvision==0.29.1 open-clip-torch==3.3.0 clip-benchmark==1.6.2 requests)
+# requests: imported by clip_benchmark's CLI (its dataset builders) but not declared by its wheel.
+# numpy<2.4: clip_benchmark 1.6.2's accuracy() calls float() on a 1-element array, which numpy
+# 2.4 refuses (deprecated since 1.25).
+PINS=(torch==2.14.1 torchvision==0.29.1 open-clip-torch==3.3.0 clip-benchmark==1.6.2 requests "numpy<2.4")
 
 if [ "$VENV" = ".venv" ]; then
   echo "[peer-setup] refusing to install open_clip into the project's .venv" >&2
