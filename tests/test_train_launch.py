@@ -10,7 +10,8 @@ Three launches, gradient checkpointing on in all (tests/test_resume.py adds ZeRO
   decreases, both processes exit 0, zero-shot and retrieval evaluation run on gathered
   parameters, and `python -m pretrain.export` writes an OpenAI-layout file that
   `from_openai_state_dict` loads with the consolidated weights, and that the real open_clip
-  (peer virtualenv, tests/peer_env.py) loads with our embeddings.
+  (peer virtualenv, tests/peer_env.py) loads with our embeddings; the real clip_benchmark CLI on
+  that export agrees with our zero-shot top-1 (benchmarks/clip_benchmark_agreement.py).
 
 Run: `.venv/bin/python -m pytest -q tests/test_train_launch.py`.
 """
@@ -177,3 +178,20 @@ def test_export_loads_in_open_clip_with_our_embeddings(rn_zero3_bf16, tmp_path):
     (theirs,) = run_peer(tmp_path, [job])
     assert_same_embeddings("trained RN-tiny", our_embeddings(model, pixels, tokens), theirs,
                            float(model.logit_scale.detach()))
+
+
+def test_clip_benchmark_agrees_with_our_zero_shot(rn_zero3_bf16, tmp_path):
+    """benchmarks/clip_benchmark_agreement.py: the real clip_benchmark CLI on the run's export
+    (through open_clip) and our eval give the same zero-shot top-1 (within 0.2 points)."""
+    import re
+
+    from peer_env import peer_python
+
+    peer_python()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "clip_benchmark_agreement.py"),
+                           str(rn_zero3_bf16.run_dir), "--limit", "300", "--work", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ours, theirs = map(float, re.search(r"\| acc1 \(top-1\) \| ([0-9.]+) \| ([0-9.]+) \|", proc.stdout).groups())
+    assert abs(ours - theirs) <= 0.2 and ours > 0, proc.stdout
+    assert json.loads((tmp_path / "clip_benchmark.json").read_text())["task"] == "zeroshot_classification"
