@@ -72,8 +72,8 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> str:
 
 
 def write_wds(ds, templates: list[str], root: Path, per_shard: int = 5000) -> Path:
-    """Our eval set (an EvalDataset: any kind with labels) as clip_benchmark's wds layout: test/{0..n-1}.tar (png + cls),
-    test/nshards.txt, classnames.txt, zeroshot_classification_templates.txt."""
+    """Our eval set (a labelled EvalDataset) in clip_benchmark's wds layout: test/{0..n-1}.tar
+    (png + cls), test/nshards.txt, classnames.txt, zeroshot_classification_templates.txt."""
     import io
 
     import webdataset as wds

@@ -29,7 +29,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from peer_env import CAPTIONS, assert_same_embeddings, embed_inputs, our_embeddings, run_peer  # noqa: E402
+from peer_env import (CAPTIONS, assert_same_embeddings, embed_inputs, our_embeddings, peer_python,  # noqa: E402
+                      run_peer)
 from pretrain import models  # noqa: E402
 from pretrain.data.transforms import EvalTransform  # noqa: E402
 from pretrain.export import save_openai_layout  # noqa: E402
@@ -64,6 +65,7 @@ RANDOM_CASES = [
 @pytest.fixture(scope="module")
 def random_init(tmp_path_factory):
     """Every random-init case exported and run through open_clip in one peer process."""
+    peer_python()  # the missing-peer failure (or SKIP_PEER skip) before any export
     work = tmp_path_factory.mktemp("openclip_interop")
     cfg_dir = work / "configs"
     jobs, ours, scales = [], {}, {}
@@ -120,7 +122,7 @@ def test_open_clip_preprocess_gives_our_eval_pixels(random_init, case):
     assert float(np.abs(theirs["preprocessed"] - ours).max()) < 1e-5, theirs["meta"]["transform"]
 
 
-def test_open_clip_config_matches_open_clips_own_zoo_configs(random_init):
+def test_open_clip_config_matches_open_clips_own_zoo_configs():
     """The config JSON we write for a zoo size loads the same file as open_clip's own config
     (shown by the ViT-B/32 case) and has its values: open_clip's ViT-B-32-quickgelu."""
     cfg = open_clip_config(models.get_config("ViT-B/32"))
