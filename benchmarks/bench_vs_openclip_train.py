@@ -61,21 +61,11 @@ OPENCLIP_LOG = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([0-
 
 
 def open_clip_config(name: str) -> dict[str, Any]:
-    """open_clip model-config JSON equal to our model `name` (same widths, depths, heads,
-    activation, sizes)."""
+    """open_clip model-config JSON equal to our model `name` (pretrain/modelio/openclip.py)."""
     from pretrain.models import get_config  # noqa: PLC0415
+    from pretrain.modelio.openclip import open_clip_config as from_config  # noqa: PLC0415
 
-    c = get_config(name)
-    v, t = c.vision, c.text
-    if c.family == "vit":
-        vision = {"image_size": c.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
-                  "head_width": v.width // v.heads}
-    else:
-        vision = {"image_size": c.image_size, "layers": list(v.layers), "width": v.width, "patch_size": None,
-                  "head_width": v.width * 32 // v.heads}
-    return {"embed_dim": c.embed_dim, "quick_gelu": c.act == "quick_gelu", "vision_cfg": vision,
-            "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-                         "heads": t.heads, "layers": t.layers}}
+    return from_config(get_config(name))
 
 
 def param_counts(name: str, oc_name: str) -> tuple[int, int]:

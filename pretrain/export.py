@@ -4,6 +4,8 @@
     python -m pretrain.export RUN_DIR OUT [--tag step_00001000] [--pt]
     clip-export RUN_DIR OUT.safetensors           # OpenAI layout, safetensors
     clip-export RUN_DIR OUT --pt                  # also OUT.pt (pickle, for torch.load users)
+    clip-export RUN_DIR DIR/NAME --open-clip-config   # also DIR/NAME.json: open_clip.add_model_config(DIR),
+                                                  # open_clip.create_model_and_transforms(NAME, pretrained=...)
     clip-export RUN_DIR OUT_DIR --format hf       # CLIPModel/CLIPProcessor.from_pretrained(OUT_DIR)
     clip-export RUN_DIR OUT_DIR --format mlflow   # mlflow.pyfunc.load_model(OUT_DIR), mlflow models serve -m OUT_DIR
 
@@ -35,12 +37,10 @@ def _atomic(out: Path, write) -> None:
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: str = "openai",
-           pt: bool = False) -> list[Path]:
-    """Write the export; returns the paths written (an HF export: its directory)."""
-    from safetensors.torch import save_file
-
+           pt: bool = False, open_clip_config: bool = False) -> list[Path]:
+    """Write the export; returns the paths written (an HF export: its directory).
+    ``open_clip_config``: also OUT.json, open_clip's model config for these weights."""
     from pretrain.modelio import load_model_from_run, save_hf_dir  # weights-only: a poisoned run dir is refused
-    from pretrain.models import to_openai_state_dict
     from pretrain.tokenizer import default_tokenizer  # the trainer's tokenizer (pretrain/train/loop.py)
 
     if fmt not in ("openai", "hf", "mlflow"):
@@ -58,6 +58,22 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: st
             raise ValueError("--format hf: transformers' CLIPModel has no ModifiedResNet image tower; "
                              "export ResNet models in the OpenAI layout (the default format)")
         return [save_hf_dir(model, out, tokenizer=default_tokenizer())]
+    written = save_openai_layout(model, out, pt=pt)
+    if open_clip_config:
+        from pretrain.modelio.openclip import write_open_clip_config
+
+        written.append(write_open_clip_config(model.config, written[0].with_suffix(".json")))
+    return written
+
+
+def save_openai_layout(model: torch.nn.Module, out: str | Path, pt: bool = False) -> list[Path]:
+    """Write ``model``'s weights in OpenAI's layout: OUT.safetensors, and OUT.pt with ``pt``
+    (OUT's .pt / .safetensors suffix replaced); returns the paths written."""
+    from safetensors.torch import save_file
+
+    from pretrain.models import to_openai_state_dict
+
+    out = Path(out)
     # clone: safetensors refuses tensors that share storage
     sd = {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.clone()
           for k, v in to_openai_state_dict(model).items()}
@@ -80,13 +96,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="openai: one state-dict file in OpenAI's layout; hf: a transformers CLIP dir; "
                              "mlflow: an MLflow pyfunc model dir (embeds texts and images)")
     parser.add_argument("--pt", action="store_true", help="also write the OpenAI-layout weights as a .pt pickle")
+    parser.add_argument("--open-clip-config", action="store_true",
+                        help="also write OUT.json, an open_clip model config (open_clip.add_model_config(dir), "
+                             "then model name = OUT's stem)")
     args = parser.parse_args(argv)
-    if args.fmt != "openai" and args.pt:
-        parser.error("--pt applies to --format openai only")
+    if args.fmt != "openai" and (args.pt or args.open_clip_config):
+        parser.error("--pt and --open-clip-config apply to --format openai only")
     # An OUT named *.pt (the command before safetensors became the default) still gets its .pt.
     pt = args.pt or (args.fmt == "openai" and Path(args.out).suffix == ".pt")
     try:
-        paths = export(args.run_dir, args.out, args.tag, fmt=args.fmt, pt=pt)
+        paths = export(args.run_dir, args.out, args.tag, fmt=args.fmt, pt=pt, open_clip_config=args.open_clip_config)
     except (FileNotFoundError, ValueError) as exn:
         print(f"clip-export: {exn}", file=sys.stderr)
         sys.exit(1)

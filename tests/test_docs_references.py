@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = {".py", ".md", ".sh", ".yaml", ".yml", ".toml", ".cfg", ".txt", ".json", ""}
-SKIP_DIRS = {".git", ".venv", ".venv-bench", "__pycache__", ".pytest_cache", "mlruns", "build", "dist"}
+SKIP_DIRS = {".git", ".venv", ".venv-bench", ".venv-peer", "demo_out", "__pycache__", ".pytest_cache", "mlruns", "build", "dist"}
 # Spelt in pieces so that this file does not match itself.
 OUTSIDE_NOTES = re.compile("|".join([r"MACHINE" + r"\.md", r"CLIP" + r"\.md", r"STYLE" + r"\.md",
                                      r"the " + r"brief", r"shared/" + r"reference", r"/" + r"work/"]))

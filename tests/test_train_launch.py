@@ -9,7 +9,9 @@ Three launches, gradient checkpointing on in all (tests/test_resume.py adds ZeRO
 - RN-tiny, ZeRO-3, bf16 (where gloo's abort at exit was first seen, docs/cpu_development.md): the loss
   decreases, both processes exit 0, zero-shot and retrieval evaluation run on gathered
   parameters, and `python -m pretrain.export` writes an OpenAI-layout file that
-  `from_openai_state_dict` loads with the consolidated weights.
+  `from_openai_state_dict` loads with the consolidated weights, and that the real open_clip
+  (peer virtualenv, tests/peer_env.py) loads with our embeddings; the real clip_benchmark CLI on
+  that export agrees with our zero-shot top-1 (benchmarks/clip_benchmark_agreement.py).
 
 Run: `.venv/bin/python -m pytest -q tests/test_train_launch.py`.
 """
@@ -156,3 +158,40 @@ def test_export_writes_an_openai_layout_checkpoint(rn_zero3_bf16, tmp_path):
     consolidated = checkpoint_params(rn_zero3_bf16.run_dir)
     loaded = dict(model.named_parameters())
     assert max_abs_diff(consolidated, loaded, keys=list(loaded)) == 0.0
+
+
+def test_export_loads_in_open_clip_with_our_embeddings(rn_zero3_bf16, tmp_path):
+    """The trained run's `clip-export --open-clip-config` files, loaded by the real open_clip
+    (`add_model_config` + `create_model_and_transforms`), embed like our model of the run."""
+    from peer_env import assert_same_embeddings, embed_inputs, our_embeddings, peer_python, run_peer
+
+    from pretrain.modelio import load_model_from_run
+
+    peer_python()  # the missing-peer message before any work
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(rn_zero3_bf16.run_dir), str(out / "trained-rn"),
+                           "--open-clip-config"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model = load_model_from_run(rn_zero3_bf16.run_dir, device="cpu").eval()
+    job, pixels, tokens = embed_inputs(tmp_path, model, "trained")
+    job.update(model="trained-rn", config_dir=str(out), weights=str(out / "trained-rn.safetensors"), loader="create")
+    (theirs,) = run_peer(tmp_path, [job])
+    assert_same_embeddings("trained RN-tiny", our_embeddings(model, pixels, tokens), theirs,
+                           float(model.logit_scale.detach()))
+
+
+def test_clip_benchmark_agrees_with_our_zero_shot(rn_zero3_bf16, tmp_path):
+    """benchmarks/clip_benchmark_agreement.py: the real clip_benchmark CLI on the run's export
+    (through open_clip) and our eval give the same zero-shot top-1 (within 0.2 points)."""
+    import re
+
+    from peer_env import peer_python
+
+    peer_python()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "clip_benchmark_agreement.py"),
+                           str(rn_zero3_bf16.run_dir), "--limit", "300", "--work", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ours, theirs = map(float, re.search(r"\| acc1 \(top-1\) \| ([0-9.]+) \| ([0-9.]+) \|", proc.stdout).groups())
+    assert abs(ours - theirs) <= 0.2 and ours > 0, proc.stdout
+    assert json.loads((tmp_path / "clip_benchmark.json").read_text())["task"] == "zeroshot_classification"
