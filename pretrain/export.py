@@ -71,16 +71,14 @@ def save_openai_layout(model: torch.nn.Module, out: str | Path, pt: bool = False
     (OUT's .pt / .safetensors suffix replaced); returns the paths written."""
     from safetensors.torch import save_file
 
-    from pretrain.models import to_openai_state_dict
+    from pretrain.modelio.openai_file import OPENAI_METADATA, openai_weights
 
     out = Path(out)
-    # clone: safetensors refuses tensors that share storage
-    sd = {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.clone()
-          for k, v in to_openai_state_dict(model).items()}
+    sd = openai_weights(model)
     base = out.with_suffix("") if out.suffix in (".pt", ".safetensors") else out
     base.parent.mkdir(parents=True, exist_ok=True)
     written = [base.with_name(base.name + ".safetensors")]
-    _atomic(written[0], lambda p: save_file(sd, str(p), metadata={"format": "pt", "layout": "openai"}))
+    _atomic(written[0], lambda p: save_file(sd, str(p), metadata=OPENAI_METADATA))
     if pt:
         written.append(base.with_name(base.name + ".pt"))
         _atomic(written[1], lambda p: torch.save(sd, p))

@@ -189,16 +189,13 @@ def write_model_data(model, tokenizer, out: str | os.PathLike) -> Path:
     """The ``data/`` directory of the MLflow model: weights, model config, tokenizer."""
     from safetensors.torch import save_file
 
-    from pretrain.models import to_openai_state_dict
+    from pretrain.modelio.openai_file import OPENAI_METADATA, openai_weights
 
     if tokenizer.vocab_size != model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model {model.vocab_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # clone: safetensors refuses tensors that share storage
-    sd = {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.detach().clone()
-          for k, v in to_openai_state_dict(model).items()}
-    save_file(sd, str(out / WEIGHTS), metadata={"format": "pt", "layout": "openai"})
+    save_file(openai_weights(model), str(out / WEIGHTS), metadata=OPENAI_METADATA)
     (out / CONFIG).write_text(json.dumps(_config_record(model), indent=2), encoding="utf-8")
     tokenizer.save(out / TOKENIZER)
     return out
