@@ -42,6 +42,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: st
     if fmt not in ("openai", "hf"):
         raise ValueError(f"unknown export format {fmt!r}; use openai or hf")
     model = load_model_from_run(run_dir, tag=tag, device="cpu")
+    if getattr(model, "objective", "contrastive") != "contrastive":
+        raise ValueError(f"{run_dir}: a {model.objective} model has no OpenAI / HF CLIP layout; its weights are "
+                         "the run's checkpoint (pretrain.modelio.load_model_from_run)")
     out = Path(out)
     if fmt == "hf":
         if model.config.family != "vit":
