@@ -19,7 +19,6 @@ zero-shot classification (pretrain/eval/generative.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .configs import CLIPConfig
 from .decoder import TextDecoder
@@ -66,7 +65,20 @@ class CaptioningModel(ImageTowerModel):
     def caption_logprob(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Sum of log p(token | image, earlier tokens) over each row's caption tokens and
         its EOT, (B,) float32; ``image_tokens`` (B, N, D) or (1, N, D) for every row."""
+        return self.token_logprobs(image_tokens, tokens).sum(dim=1)
+
+    def token_logprobs(self, image_tokens: torch.Tensor, tokens: torch.Tensor,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(tokens[:, j + 1] | image, tokens[:, :j + 1]) at each position j, (B, L' - 1)
+        float32 with L' the batch's longest caption; zero outside ``positions`` (a bool mask
+        of that shape, default every caption position up to the EOT): only those positions
+        go through the vocabulary projection, the costly part."""
         inputs, targets, valid = caption_targets(tokens)
-        logp = F.log_softmax(self.text_decoder.logits(self.text_decoder(inputs, image_tokens)).float(), dim=-1)
-        picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
-        return (picked * valid).sum(dim=1)
+        if positions is not None:
+            valid = valid & positions[:, :valid.shape[1]]
+        hidden = self.text_decoder(inputs, image_tokens)[valid]  # (n, width)
+        logits = self.text_decoder.logits(hidden).float()  # (n, vocab)
+        picked = logits.gather(-1, targets[valid].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        out = torch.zeros(valid.shape, dtype=torch.float32, device=tokens.device)
+        out[valid] = picked
+        return out
