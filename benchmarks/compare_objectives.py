@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     n_kept = json.loads(manifest.read_text())["total_samples"]
     data_s = time.time() - t0
     curves, seconds = {}, {}
+    earlier = out / "objectives.json"
+    if args.keep and earlier.is_file():  # the kept runs' times, from the run that trained them
+        seconds.update(json.loads(earlier.read_text()).get("seconds", {}))
     for loss in losses:
         run_dir = out / "runs" / loss
         done = (run_dir / "eval" / f"step_{args.steps:08d}.json").is_file()
