@@ -49,6 +49,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: st
     if fmt == "mlflow" and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--format mlflow: {out} exists and is not an empty directory")
     model = load_model_from_run(run_dir, tag=tag, device="cpu")
+    if getattr(model, "objective", "contrastive") != "contrastive":
+        raise ValueError(f"{run_dir}: a {model.objective} model has no OpenAI / HF / MLflow CLIP layout; its "
+                         "weights are the run's checkpoint (pretrain.modelio.load_model_from_run)")
     if fmt == "mlflow":
         from pretrain.modelio.mlflow_model import save_mlflow_model
 

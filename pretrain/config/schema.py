@@ -152,7 +152,7 @@ class TrainConfig:
     ds_templates: list[str] = field(default_factory=list)  # [] = chosen from stage/offload/precision
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed keys, deep-merged last
     grad_clip: float = 1.0  # 0 disables clipping
-    loss: str = "clip"
+    loss: str = "clip"  # clip | clip_tiled | clip_ring | siglip | captioning | bow (the last two: other model classes)
     grad_cache: bool = False  # exact gradient caching (pretrain.gradcache): all global negatives per sample
     loss_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -184,9 +184,13 @@ class TrainConfig:
                "has no reachable fp32 master weights); use zero_stage 1 or precision fp32")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0")
         _check(self.dist_timeout_s >= 1, "train.dist_timeout_s must be >= 1")
-        from pretrain.loss import list_losses
+        from pretrain.loss import list_losses, objective_of
 
         _check(self.loss in list_losses(), f"train.loss {self.loss!r} is unknown; choose one of {list_losses()}")
+        # captioning / bow train another model class (pretrain.models.OBJECTIVES) with a
+        # per-sample loss: there are no in-batch negatives for gradient caching to widen
+        _check(not (self.grad_cache and objective_of(self.loss) != "contrastive"),
+               f"train.grad_cache applies to the contrastive losses only, not train.loss={self.loss}")
         # gradient caching replays d loss / d (features, scale) only; SigLIP's bias has no path there
         _check(not (self.grad_cache and self.loss == "siglip"),
                "train.grad_cache supports the softmax losses (clip, clip_tiled, clip_ring) only, not train.loss=siglip")
@@ -282,6 +286,11 @@ class RunConfig:
         _check(not (self.optimizer.impl == "cpu_adam" and not self.train.offload_optimizer),
                "optimizer.impl=cpu_adam only makes sense with train.offload_optimizer=true")
         self._resolve_siglip()
+        from pretrain.loss import objective_of
+
+        _check(not (self.eval.retrieval_dataset and objective_of(self.train.loss) != "contrastive"),
+               f"eval.retrieval_dataset needs a contrastive model (text embeddings); train.loss="
+               f"{self.train.loss} trains a {objective_of(self.train.loss)} model: evaluate it zero-shot only")
 
     def _resolve_siglip(self) -> None:
         """SigLIP needs the model's learnable bias and the paper's init (scale 10, bias -10):

@@ -7,7 +7,8 @@
     retrieval_eval(model, tokenizer, load_eval_dataset("captions:/val/{0..1}.tar"), device="cuda")
     #   -> {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "n_images", "n_texts"}
 
-``model`` is a plain CLIP nn.Module (``encode_image``, ``encode_text``, ``image_size``,
+``model`` is a plain CLIP nn.Module (zero-shot also takes the captioning and bag-of-words
+models, dispatched on ``model.objective`` to generative.py) (``encode_image``, ``encode_text``, ``image_size``,
 ``context_length``), e.g. a DeepSpeed engine's ``module`` with ZeRO-3 parameters gathered.
 Everything runs under ``torch.no_grad``; the model's train/eval mode is restored afterwards;
 CUDA runs under bf16 autocast (features and scores are float32).
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from pretrain.eval.datasets import EvalDataset
 from pretrain.eval.features import FeatureSet, encode_texts, extract_image_features, model_device
+from pretrain.eval.generative import generative_zeroshot_scores, objective
 from pretrain.eval.metrics import classification_metrics, retrieval_metrics
 from pretrain.eval.templates import resolve_templates
 
@@ -104,10 +106,16 @@ def zeroshot_eval(
     ``templates``: ``"auto"`` (the dataset's own set if there is one, else OpenAI's 80),
     ``"openai_imagenet"``, ``"single"``, a set name, a file path or a list.
     ``features``: precomputed image features of ``ds`` (skips the image pass).
+    A captioning or bag-of-words model (``model.objective``) is scored by its likelihood of
+    each class prompt instead (generative.py; ``features`` unused).
     """
     if ds.labels is None or ds.classnames is None:
         raise ValueError(f"dataset {ds.name!r} has no class labels: zero-shot classification needs them")
     device = torch.device(device) if device is not None else model_device(model)
+    if objective(model) != "contrastive":  # captioning / bag of words: the prompts' likelihoods
+        scores, indices, _ = generative_zeroshot_scores(model, tokenizer, ds, templates, device=device,
+                                                        batch_size=batch_size, num_workers=num_workers)
+        return classification_metrics(scores, ds.labels[indices])
     fs = features or image_features(model, ds, device=device, batch_size=batch_size,
                                     num_workers=num_workers, progress=progress)
     W = build_zeroshot_classifier(model, tokenizer, ds.classnames, templates, device=device,

@@ -54,6 +54,22 @@ def _collate(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor
     return images, torch.tensor([i for _, i in ok], dtype=torch.long), len(batch) - len(ok)
 
 
+def image_batches(
+    dataset: torch.utils.data.Dataset,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """Batches ``(images | None, indices, n_undecodable)`` of ``dataset`` in order (items
+    ``(tensor|None, index)``; undecodable images are dropped from their batch and counted)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+        multiprocessing_context=worker_context(num_workers),
+    )
+
+
 def extract_image_features(
     model: torch.nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -66,11 +82,7 @@ def extract_image_features(
 ) -> FeatureSet:
     """Encode every decodable image of ``dataset`` (items ``(tensor|None, index)``)."""
     device = torch.device(device) if device is not None else model_device(model)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
-        multiprocessing_context=worker_context(num_workers),
-    )
+    loader = image_batches(dataset, device, batch_size=batch_size, num_workers=num_workers)
     feats, idx, skipped = [], [], 0
     with torch.no_grad(), autocast_for(device):
         for images, indices, bad in tqdm(loader, desc=desc, disable=not progress, unit="batch"):

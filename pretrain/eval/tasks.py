@@ -18,6 +18,7 @@ import torch
 from pretrain.eval.api import build_zeroshot_classifier, eval_mode, retrieval_eval, zeroshot_scores
 from pretrain.eval.datasets import EvalDataset
 from pretrain.eval.features import FeatureCache, FeatureSet, extract_image_features, model_fingerprint
+from pretrain.eval.generative import generative_zeroshot_scores, objective
 from pretrain.eval.fewshot import DEFAULT_SHOTS, few_shot, few_shot_markdown, few_shot_plot
 from pretrain.eval.linear_probe import linear_probe
 from pretrain.eval.metrics import classification_metrics
@@ -76,9 +77,15 @@ def _zs(ctx: EvalContext, ds: EvalDataset, feats: np.ndarray, labels: np.ndarray
 
 def run_zeroshot(ctx: EvalContext, ds: EvalDataset, templates: str | Sequence[str] = "auto") -> tuple[dict, str, list[Path]]:
     _labelled(ds, "zero-shot")
-    fs = ctx.features(ds)
     temps = resolve_templates(templates, ds.name)
-    metrics = _zeroshot_metrics(ctx, ds, fs, temps)
+    if objective(ctx.model) != "contrastive":  # captioning / bag of words: prompt likelihoods, no embeddings
+        scores, indices, skipped = generative_zeroshot_scores(ctx.model, ctx.tokenizer, ds, temps, device=ctx.device,
+                                                              batch_size=ctx.batch_size, num_workers=ctx.num_workers)
+        fs = FeatureSet(np.zeros((len(indices), 0), np.float32), indices, skipped)
+        metrics = classification_metrics(scores, ds.labels[indices])
+    else:
+        fs = ctx.features(ds)
+        metrics = _zeroshot_metrics(ctx, ds, fs, temps)
     res = {"task": "zeroshot", "dataset": ds.name, "n_templates": len(temps), "templates": temps,
            "skipped_images": fs.skipped, "metrics": metrics}
     md = f"## Zero-shot: {ds.name} ({len(temps)} templates)\n\n" + markdown_table([metrics], _CLS_COLUMNS)

@@ -86,3 +86,13 @@ def gather_pair(
     # slice's backward would allocate a zero-filled B x 2d buffer of its own
     all_image, all_text = torch.split(both, [d, text_features.shape[1]], dim=1)
     return all_image, all_text, offset
+
+
+def global_sum(value: torch.Tensor) -> torch.Tensor:
+    """`value` (a count, no gradient) summed over the ranks of the default process group;
+    `value` itself outside one. The per-token and per-caption losses (captioning.py, bow.py)
+    normalise by it, so that averaging the ranks' losses gives the global-batch mean."""
+    value = value.detach().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value

@@ -114,10 +114,12 @@ def load_model_from_run(run_dir: str | Path, tag: str | None = None, device: str
     fp32 weights from a complete checkpoint, in eval mode."""
     import yaml
 
+    from pretrain.loss import objective_of
     from pretrain.models import create_model
 
     cfg = yaml.safe_load((Path(run_dir) / "run_config.yaml").read_text(encoding="utf-8"))
-    model = create_model(cfg["model"]["name"], **(cfg["model"].get("overrides") or {}))
+    objective = objective_of((cfg.get("train") or {}).get("loss", "clip"))  # captioning / bow: other classes
+    model = create_model(cfg["model"]["name"], objective=objective, **(cfg["model"].get("overrides") or {}))
     model.load_state_dict(consolidated_state_dict(run_dir, tag))
     return model.to(device).eval()
 

@@ -35,6 +35,8 @@ def build_visual(cfg: CLIPConfig) -> nn.Module:
 
 
 class CLIP(TextTowerMixin, nn.Module):
+    objective = "contrastive"  # a class attribute: no state-dict key
+
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
         self.config = config

@@ -6,6 +6,7 @@ Overrides (flat keyword arguments, so a run config can carry them as a small dic
   vision_width, vision_layers (int for ViT, 4 ints for ResNet), vision_heads,
   vision_patch_size (ViT only), init_logit_scale (log of the initial temperature),
   init_logit_bias (adds a learnable SigLIP ``logit_bias``; None/absent = no bias).
+``objective`` picks the model class (``OBJECTIVES``: contrastive, captioning, bow).
 An unknown key raises ValueError naming the valid ones. Changing a width without its
 heads sets heads by OpenAI's rule (width / 64; ResNet pool width * 32 / 64), which is what
 ``from_openai_state_dict`` assumes when it re-creates a model from weights alone.
@@ -17,8 +18,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from torch import nn
+
+from .bow import BagOfWordsModel
+from .captioning import CaptioningModel
 from .clip import CLIP
 from .configs import MODEL_CONFIGS, CLIPConfig, ResNetConfig, ViTConfig
+
+# the model class of each training objective; "contrastive" (CLIP, SigLIP) is the default
+OBJECTIVE_MODELS: dict[str, type[nn.Module]] = {
+    "contrastive": CLIP, "captioning": CaptioningModel, "bow": BagOfWordsModel}
+OBJECTIVES: tuple[str, ...] = tuple(OBJECTIVE_MODELS)
 
 _TOP = ("embed_dim", "image_size", "act", "grad_checkpointing", "init_logit_scale", "init_logit_bias")
 _TEXT = {"context_length": "context_length", "vocab_size": "vocab_size",
@@ -61,7 +71,12 @@ def get_config(name: str, **overrides: Any) -> CLIPConfig:
     return apply_overrides(MODEL_CONFIGS[name], **overrides)
 
 
-def create_model(name: str, **overrides: Any) -> CLIP:
-    """A freshly initialised CLIP model (fp32, on the current default device; build
-    inside ``with torch.device("meta"):`` to size a model without allocating it)."""
-    return CLIP(get_config(name, **overrides))
+def create_model(name: str, objective: str = "contrastive", **overrides: Any) -> nn.Module:
+    """A freshly initialised model (fp32, on the current default device; build inside
+    ``with torch.device("meta"):`` to size a model without allocating it). ``objective``:
+    "contrastive" (the two-tower CLIP), "captioning" (image tower + text decoder, the text
+    config sizes the decoder) or "bow" (image tower + bag-of-words head); the same name
+    gives the same image tower for all three."""
+    if objective not in OBJECTIVE_MODELS:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    return OBJECTIVE_MODELS[objective](get_config(name, **overrides))

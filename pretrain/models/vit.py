@@ -50,6 +50,16 @@ class VisionTransformer(nn.Module):
         self.transformer.grad_checkpointing = enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(self.token_states(x)[:, 0]) @ self.proj  # (B, output_dim)
+
+    def image_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token (class token first) through ln_post and ``@ proj``, (B, 1 + g*g,
+        output_dim): what a text decoder attends to (pretrain/models/captioning.py)."""
+        return self.ln_post(self.token_states(x)) @ self.proj
+
+    def token_states(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer's output for every token, (B, 1 + g*g, W) (fewer patches under
+        patch dropout in training)."""
         if x.shape[-2:] != (self.input_resolution, self.input_resolution):
             raise ValueError(f"expected {self.input_resolution}px images, got "
                              f"{tuple(x.shape[-2:])}")
@@ -59,5 +69,4 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, g*g+1, W)
         if self.training and self._patch_dropout:
             x = drop_patches(x, self._patch_dropout)  # after the positions are added (FLIP)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj  # (B, output_dim)
+        return self.transformer(self.ln_pre(x))

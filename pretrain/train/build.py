@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import RunConfig
+from pretrain.loss import objective_of
 from pretrain.models import create_model
 from pretrain.models.speed import apply_speed_switches
 from pretrain.train.checkpoint import complete_tags
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model.name, **cfg.model.overrides)
+    model = create_model(cfg.model.name, objective=objective_of(cfg.train.loss), **cfg.model.overrides)
     if cfg.model.init_from and not will_resume(cfg):
         # before initialize: ZeRO-3 partitions there
         init_model_from(model, cfg.model.init_from, allow_torchscript=cfg.model.init_from_allow_torchscript_code)

@@ -88,7 +88,9 @@ def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
     except BaseException:
         tracker.close("FAILED")
         raise
-    if status == "FINISHED" and env.is_main and cfg.logging.log_model:
+    # The MLflow model embeds images and texts: a two-tower (contrastive) model only.
+    if (status == "FINISHED" and env.is_main and cfg.logging.log_model
+            and getattr(engine.module, "objective", "contrastive") == "contrastive"):
         # rank 0 only, after the final checkpoint is complete; the other ranks wait at exit
         tracker.log_model(run_dir, default_tokenizer(), state.step, cfg.logging.registered_model_name)
     tracker.close(status)
@@ -169,8 +171,9 @@ class _Trainer:
         # The plain step's figures stay on the device (defer): read back every logging step.
         defer = {"defer": True} if self.step_fn is train_step else {}
         out = self.step_fn(self.engine, micro, self.loss_fn, inject_nan=inject, **defer)
-        if out.applied:  # a host bool: the optimizer's own overflow check read it back
-            clamp_logit_scale(self.engine.module.logit_scale, t.max_logit_log_scale)
+        scale = getattr(self.engine.module, "logit_scale", None)  # captioning / bag-of-words models have none
+        if out.applied and scale is not None:  # a host bool: the optimizer's own overflow check read it back
+            clamp_logit_scale(scale, t.max_logit_log_scale)
         state.step += 1
         state.step_in_epoch += 1
         self.pending.append((state.step, data_s, lr, out))
@@ -206,7 +209,9 @@ class _Trainer:
     def _log(self, out, lr: float) -> None:
         state = self.state
         metrics = self.meter.flush()
-        metrics.update(lr=lr, logit_scale=out.logit_scale, grad_norm=out.grad_norm,
+        if out.logit_scale == out.logit_scale:  # a model without a temperature reports NaN: not logged
+            metrics["logit_scale"] = out.logit_scale
+        metrics.update(lr=lr, grad_norm=out.grad_norm,
                        skipped_samples=state.skipped_samples, nonfinite_steps=state.nonfinite_steps,
                        overflow_steps=state.overflow_steps, epoch=state.epoch)
         self.tracker.log_metrics(metrics, state.step)

@@ -61,14 +61,15 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
         images = batch["images"].to(device, dtype=dtype, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
         skipped = skipped + torch.as_tensor(batch.get("skipped", 0), dtype=torch.float64).sum()  # no int(): no read-back
-        # (img, txt, scale) or, for a model with a SigLIP logit bias, (img, txt, scale, bias):
-        # the extra output goes to the loss as its 4th argument.
+        # The model's outputs are the loss's arguments: (img, txt, scale) or, for a model
+        # with a SigLIP logit bias, (img, txt, scale, bias); the captioning and bag-of-words
+        # models (no temperature) give (logits, token targets) (pretrain/loss/__init__.py).
         with record_function("step.forward"):
-            image_features, text_features, logit_scale, *extra = engine(images, tokens)
+            outputs = engine(images, tokens)
         with record_function("step.loss"):
-            # The loss (over the global batch) is computed in fp32 whatever the precision.
-            loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
-                           *(t.float() for t in extra))
+            # The loss (over the global batch) is computed in fp32 whatever the precision;
+            # integer outputs (token ids) pass unchanged.
+            loss = loss_fn(*(t.float() if t.is_floating_point() else t for t in outputs))
         if inject_nan and i == 0:
             loss = loss * float("nan")
         with record_function("step.finite_check"):
@@ -79,7 +80,8 @@ def train_step(engine, micro_batches: Sequence[dict], loss_fn: Callable[..., tor
         any_bad = any_bad | bad
         finite_sum = finite_sum + torch.where(bad, torch.zeros_like(finite_sum), loss.detach().to(torch.float64))
         finite_n = finite_n + (~bad).to(torch.float64)
-        scale_value = logit_scale.detach().float().reshape(())
+        if len(outputs) > 2:  # a contrastive model's temperature (the others log NaN)
+            scale_value = outputs[2].detach().float().reshape(())
         with record_function("step.backward"):
             engine.backward(loss)
         if i < last:
