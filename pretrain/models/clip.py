@@ -16,31 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import CLIPConfig, ResNetConfig
-from .resnet import ModifiedResNet
+from .configs import CLIPConfig
+from .image_model import ImageTowerModel
 from .text import TextTowerMixin
-from .vit import VisionTransformer
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 
 
-def build_visual(cfg: CLIPConfig) -> nn.Module:
-    v = cfg.vision
-    if isinstance(v, ResNetConfig):
-        return ModifiedResNet(layers=v.layers, output_dim=cfg.embed_dim, heads=v.heads,
-                              input_resolution=cfg.image_size, width=v.width)
-    return VisionTransformer(input_resolution=cfg.image_size, patch_size=v.patch_size,
-                             width=v.width, layers=v.layers, heads=v.heads,
-                             output_dim=cfg.embed_dim, act=cfg.act)
-
-
-class CLIP(TextTowerMixin, nn.Module):
+class CLIP(TextTowerMixin, ImageTowerModel):
     objective = "contrastive"  # a class attribute: no state-dict key
 
     def __init__(self, config: CLIPConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.visual = build_visual(config)
+        super().__init__(config)  # ImageTowerModel: config, visual, the shared attributes
         t = config.text
         self._init_text_tower(t.context_length, t.vocab_size, t.width, t.layers, t.heads,
                               config.embed_dim, config.act)
@@ -52,23 +39,6 @@ class CLIP(TextTowerMixin, nn.Module):
         if config.grad_checkpointing:
             self.set_grad_checkpointing(True)
 
-    # --- the attributes other parts of the project read --------------------------------
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def context_length(self) -> int:
-        return self.config.text.context_length
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.text.vocab_size
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.embed_dim
-
     def set_grad_checkpointing(self, enabled: bool = True, image: bool = True,
                                text: bool = True) -> None:
         """Switch non-reentrant activation checkpointing (per residual block / ResNet
@@ -79,13 +49,6 @@ class CLIP(TextTowerMixin, nn.Module):
             self.transformer.grad_checkpointing = enabled
 
     # --- encoders ------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Unnormalised projected image features, (B, embed_dim), from (B, 3, S, S)."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (batch, 3, {self.image_size}, {self.image_size}),"
-                             f" got shape {tuple(images.shape)}")
-        return self.visual(images)
-
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(image_features, text_features, logit_scale)``, plus ``logit_bias`` (0-dim) as a
         4th output when the model has one: under ZeRO-3 a parameter is only gathered inside

@@ -1,16 +1,27 @@
-"""What the single-tower objectives' models share: CLIP's image tower (``visual``, same
-keys and configs as the two-tower model) plus the attributes the trainer, loader and
-evaluation read (``image_size``, ``context_length``, ``vocab_size``, ``embed_dim``,
-``encode_image``, ``objective``). Subclasses: the captioning model (captioning.py) and the
-bag-of-words model (bow.py); the contrastive two-tower model is clip.py.
+"""What every model of the zoo shares: CLIP's image tower (``visual``: a ModifiedResNet or a
+ViT, by the config) plus the attributes the trainer, loader and evaluation read
+(``image_size``, ``context_length``, ``vocab_size``, ``embed_dim``, ``encode_image``,
+``objective``). Subclasses: the contrastive two-tower model (clip.py, which adds the text
+tower), the captioning model (captioning.py) and the bag-of-words model (bow.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .clip import build_visual
-from .configs import CLIPConfig
+from .configs import CLIPConfig, ResNetConfig
+from .resnet import ModifiedResNet
+from .vit import VisionTransformer
+
+
+def build_visual(cfg: CLIPConfig) -> nn.Module:
+    v = cfg.vision
+    if isinstance(v, ResNetConfig):
+        return ModifiedResNet(layers=v.layers, output_dim=cfg.embed_dim, heads=v.heads,
+                              input_resolution=cfg.image_size, width=v.width)
+    return VisionTransformer(input_resolution=cfg.image_size, patch_size=v.patch_size,
+                             width=v.width, layers=v.layers, heads=v.heads,
+                             output_dim=cfg.embed_dim, act=cfg.act)
 
 
 class ImageTowerModel(nn.Module):
@@ -38,7 +49,7 @@ class ImageTowerModel(nn.Module):
         return self.config.embed_dim
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Unnormalised pooled image features, (B, embed_dim) (linear probes use them)."""
+        """Unnormalised projected image features, (B, embed_dim), from (B, 3, S, S)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (batch, 3, {self.image_size}, {self.image_size}),"
                              f" got shape {tuple(images.shape)}")
