@@ -49,6 +49,7 @@ from typing import Iterator
 
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
+from data_pipeline.crawl_output import crawl_output
 from data_pipeline.egress import EgressProxy
 from data_pipeline.layout import Layout
 from data_pipeline.prepare import PrepareSummary, address_policy, prepare_inputs
@@ -187,15 +188,18 @@ def _check_distributor(name: str) -> None:
 
 
 def download(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: int,
-             policy: AddressPolicy | None = None, resolver: Resolver = resolve_host) -> dict[str, int]:
+             policy: AddressPolicy | None = None, resolver: Resolver = resolve_host,
+             total_urls: int = 0) -> dict[str, int]:
     """One img2dataset.download call over ``OUT/input`` (incremental: resumes), every fetch
-    through the egress proxy; returns the proxy's counts (also added to ``egress.json``)."""
+    through the egress proxy; returns the proxy's counts (also added to ``egress.json``).
+    Progress: the proxy's request count out of `total_urls` (:mod:`data_pipeline.crawl_output`)."""
     _check_distributor(cfg.crawl.distributor)
     c = cfg.crawl
     extra = _extra_columns(layout)
     proxy = EgressProxy(policy or address_policy(cfg), resolver=resolver, max_body_bytes=c.max_body_bytes,
                         deadline=c.download_deadline, host=c.egress_bind, port=c.egress_port)
-    with proxy, crawl_environment(cfg, proxy):
+    with proxy, crawl_environment(cfg, proxy), crawl_output(
+            layout.crawl_dir, total_urls, lambda: sum(proxy.counts().get(k, 0) for k in ("requests", "tunnels"))):
         _run_img2dataset(cfg, layout, processes, oom_shard_count, extra)
     counts = proxy.counts()
     fsutil.makedirs(layout.crawl_dir)
@@ -265,7 +269,8 @@ def run_crawl(cfg: BuildConfig, layout: Layout, resolver: Resolver = resolve_hos
     plan = plan_crawl(prep, cfg.crawl.number_sample_per_shard)
     egress: dict[str, int] = {}
     if plan.shard_ids and unfinished_shards(layout, plan):
-        egress = download(cfg, layout, cfg.resolved_processes(), plan.oom_shard_count, policy, resolver)
+        egress = download(cfg, layout, cfg.resolved_processes(), plan.oom_shard_count, policy, resolver,
+                          total_urls=sum(prep.passed))
     missing = unfinished_shards(layout, plan)
     if missing:
         names = ", ".join(plan.name(i) for i in missing[:10])
