@@ -9,7 +9,9 @@ as ``download/truncated``) shows there with its cause (``safety/body_too_large``
 ``safety/deadline``).
 
     stats = compute_stats(rows_in, counts, kept, meta, shards, timings, egress)
-    print(summary_table(stats)); write_text(path, stats_markdown(stats))
+    print(summary_table(stats)); write_text(path, stats_markdown(stats, chart="stats_rejects.png"))
+
+The bar chart of the reject reasons is drawn by :mod:`data_pipeline.stats_chart`.
 """
 from __future__ import annotations
 
@@ -97,8 +99,12 @@ def summary_table(stats: dict[str, Any]) -> str:
     return "\n".join([line, *body, line])
 
 
-def stats_markdown(stats: dict[str, Any]) -> str:
-    lines = ["# Data build statistics", "", "| | reason | count |", "|---|---|---|"]
+def stats_markdown(stats: dict[str, Any], chart: str | None = None) -> str:
+    """The markdown page; `chart`: the reject-reason bar chart's file name beside it."""
+    lines = ["# Data build statistics", ""]
+    if chart:
+        lines += [f"![rejected URLs by reason, and the kept samples]({chart})", ""]
+    lines += ["| | reason | count |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in _rows(stats)]
     for name, h in stats["histograms"].items():
         lines += ["", f"## {name.replace('_', ' ')}", "", "| bin | count |", "|---|---|"]

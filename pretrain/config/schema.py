@@ -248,9 +248,13 @@ class LoggingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db
     experiment: str = "clip-pretrain"
     run_name: str = ""  # "" = the run dir's name
+    # The console's step line: "paced" = every ~10% of the steps or ~30 s (pretrain/progress.py),
+    # "every" = at every logging step. metrics.jsonl and MLflow get every logging step either way.
+    console: str = "paced"
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "logging.every_steps must be >= 1")
+        _check(self.console in ("paced", "every"), f"logging.console must be paced or every, not {self.console!r}")
 
 
 @dataclass
