@@ -1,0 +1,122 @@
+"""Progress where there is no terminal (a log file, a pipe): paced lines with rate and ETA,
+no carriage-return fragments, no library chatter; and the data build's reject-reason chart.
+
+- `pretrain.progress` alone: lines every ~10% (and after `every_s` without one), each with
+  count, rate and ETA, the last one saying done; a bar only on a terminal.
+- a real data build (`python -m data_pipeline build`) over a local HTTP server with stdout
+  and stderr pipes: each stage's lines are bounded and carry a rate and an ETA, there is no
+  '\\r' anywhere, img2dataset's own output is in crawl/img2dataset.log instead, and
+  stats_rejects.png beside stats.md is a valid PNG of the expected size, linked from it.
+
+Run: .venv/bin/python -m pytest -q tests/test_progress_logs.py   (~1 min: one crawl)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import data_server_cases as cases
+from data_pipeline.serve import ImageServer
+from data_pipeline.stats_chart import CHART_NAME, WIDTH_PX, height_px
+from pretrain.progress import LineProgress, progress
+
+ROOT = Path(__file__).resolve().parents[1]
+RATE = re.compile(r"[\d.e+]+ \w+/s|[\d.e+]+ s/\w+")
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("[progress] ")]
+
+
+def test_lines_every_tenth_with_rate_and_eta_and_a_final_done() -> None:
+    out = io.StringIO()
+    with LineProgress(total=1000, desc="unit", unit="img", file=out, every_s=3600) as bar:
+        for _ in range(1000):
+            bar.update(1)
+    lines = _lines(out.getvalue())
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 10, lines  # 10%, 20% ... 90%, then the final line
+    assert lines[0].startswith("[progress] unit: 100/1000 img (10%), ")
+    assert all(RATE.search(line) and "elapsed " in line for line in lines), lines
+    assert all("ETA " in line for line in lines[:-1]) and lines[-1].endswith(", done"), lines
+
+
+def test_time_paced_lines_without_a_total_and_a_bar_only_on_a_terminal(monkeypatch) -> None:
+    out = io.StringIO()
+    bar = LineProgress(desc="stream", unit="url", file=out, every_s=0.05)
+    for _ in range(4):
+        time.sleep(0.06)
+        bar.update(7)
+    bar.close()
+    lines = _lines(out.getvalue())
+    assert len(lines) == 5 and lines[-1].startswith("[progress] stream: 28 url, "), lines
+    assert "ETA" not in out.getvalue()  # no total: no ETA to give
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("CLIP_PROGRESS", raising=False)
+    assert type(progress(total=3, file=Tty())).__name__ == "tqdm"
+    assert isinstance(progress(total=3, file=io.StringIO()), LineProgress)
+    nested = progress(total=3, file=io.StringIO(), nested=True)  # an inner bar in a log: silent
+    nested.update(3)
+    nested.close()
+    monkeypatch.setenv("CLIP_PROGRESS", "lines")
+    assert isinstance(progress(total=3, file=Tty()), LineProgress)
+
+
+@pytest.mark.slow
+def test_data_build_log_without_a_terminal(tmp_path: Path) -> None:
+    site = cases.make_site(tmp_path / "site")
+    out = tmp_path / "out"
+    with ImageServer(site.root, behaviours=site.behaviours) as srv:
+        urls = tmp_path / "urls.parquet"
+        site.url_table(srv.base_url).to_parquet(urls)
+        cmd = [sys.executable, "-m", "data_pipeline", "build", "--urls", str(urls), "--output", str(out),
+               "--processes=2", "--crawl.thread_count=8", "--crawl.number_sample_per_shard=8",
+               f"--crawl.timeout={cases.TIMEOUT_S}", "--crawl.allowed_networks=[127.0.0.1/32]",
+               "--shard.samples_per_shard=5"] + [f"--{k}={v}" for k, v in cases.FILTER_OVERRIDES.items()]
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env.pop("CLIP_PROGRESS", None)
+        env.pop("CLIP_VERBOSE", None)
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        seconds = time.monotonic() - t0
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-5000:]
+    assert "\r" not in text and "\x1b[" not in text, repr(text[-3000:])
+    lines = _lines(r.stderr)
+    by_stage: dict[str, list[str]] = {}
+    for line in lines:
+        by_stage.setdefault(line[len("[progress] "):].split(":")[0], []).append(line)
+    assert {"prepare", "crawl", "filter pass 1", "shard"} <= set(by_stage), lines
+    for stage, got in by_stage.items():
+        # every ~10% or ~30 s, plus the final line
+        assert 1 <= len(got) <= 11 + int(seconds / 30), (stage, got)
+        assert all(RATE.search(line) and "elapsed " in line for line in got), got
+        if stage != "prepare":  # the URL list's length is not known before it is read
+            assert all("ETA " in line or line.endswith(", done") for line in got), got
+            assert got[-1].endswith(", done") or stage == "crawl", got
+    # img2dataset's prints, its counter and its workers' lines went to the crawl's log file
+    assert "Starting the downloading" not in text and "it/s]" not in text and "images per sec" not in text
+    log = (out / "crawl" / "img2dataset.log").read_text()
+    assert "Starting the downloading" in log and "images per sec" in log
+    # the reject-reason chart beside stats.md, linked from it, a valid PNG of the expected size
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rejected"] > 0
+    png = out / CHART_NAME
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (WIDTH_PX, height_px(len(stats["counts"])))
+        im.verify()
+    assert f"]({CHART_NAME})" in (out / "stats.md").read_text()
