@@ -95,9 +95,9 @@ def crawl_output(crawl_dir: str, total: int, count: Callable[[], int], desc: str
                 while True:
                     stopping = stop.wait(poll_s)
                     now = min(total, count())
-                    if now > done:
-                        bar.update(now - done)
-                        done = now
+                    # update(0) too: a line every ~30 s also while img2dataset starts its workers
+                    bar.update(max(0, now - done))
+                    done = max(done, now)
                     if stopping:
                         return
 

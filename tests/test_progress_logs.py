@@ -60,6 +60,14 @@ def test_time_paced_lines_without_a_total_and_a_bar_only_on_a_terminal(monkeypat
     lines = _lines(out.getvalue())
     assert len(lines) == 5 and lines[-1].startswith("[progress] stream: 28 url, "), lines
     assert "ETA" not in out.getvalue()  # no total: no ETA to give
+    # a stalled stage still says where it is (update(0): the crawl's poller does that each second)
+    out = io.StringIO()
+    bar = LineProgress(total=10, desc="stalled", unit="url", file=out, every_s=0.05)
+    bar.update(0)
+    time.sleep(0.06)
+    bar.update(0)
+    lines = _lines(out.getvalue())
+    assert len(lines) == 1 and lines[0].startswith("[progress] stalled: 0/10 url (0%), "), lines
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
