@@ -130,9 +130,7 @@ def evaluate(out: Path, run_dir: Path, dataset: str, limit: int, shots: str) -> 
         task_out = out / "eval" / task
         _run([sys.executable, "-m", "pretrain.eval", task, *common, "--output-dir", str(task_out), *extra])
         own = [p for p in sorted(glob.glob(str(task_out / "*.json"))) if not p.endswith(".clip_benchmark.json")]
-        results[task] = json.loads(Path(own[0]).read_text())
-        for md in sorted(glob.glob(str(task_out / "*.md"))):
-            print(Path(md).read_text())
+        results[task] = json.loads(Path(own[0]).read_text())  # (its table was printed by the eval CLI)
     return results
 
 
