@@ -75,7 +75,7 @@ def _tail(path: str, lines: int = TAIL_LINES) -> str:
 def crawl_output(crawl_dir: str, total: int, count: Callable[[], int], desc: str = "crawl: download",
                  poll_s: float = 1.0) -> Iterator[None]:
     """img2dataset's output to the crawl's log file, progress from `count()` (clamped to
-    `total`: retries and redirect hops pass the proxy too) every `poll_s` seconds."""
+    `total`: retries and redirect hops pass the proxy too; 0: unknown) every `poll_s` seconds."""
     if verbose():
         yield
         return
@@ -88,13 +88,13 @@ def crawl_output(crawl_dir: str, total: int, count: Callable[[], int], desc: str
     stop = threading.Event()
     try:
         with _fds_to(path) as terminal:
-            bar = progress(total=total, desc=desc, unit="url", file=terminal)
+            bar = progress(total=total or None, desc=desc, unit="url", file=terminal)
 
             def poll() -> None:
                 done = 0
                 while True:
                     stopping = stop.wait(poll_s)
-                    now = min(total, count())
+                    now = (min(total, count()) if total > 0 else count())
                     # update(0) too: a line every ~30 s also while img2dataset starts its workers
                     bar.update(max(0, now - done))
                     done = max(done, now)
