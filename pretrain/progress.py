@@ -77,6 +77,9 @@ class Pacer:
         self.every_fraction, self.every_s = every_fraction, every_s
         self.start = self.last_t = time.monotonic()
         self.next_n = self.total * every_fraction if self.total else float("inf")
+        # (count, time) at the last two lines: the ETA uses the rate in between, so a slow
+        # start (workers spawning) does not inflate it for the rest of the stage
+        self._mark = self._prev = (0.0, self.start)
 
     def due(self, n: float) -> bool:
         """True when a line should be printed at count `n` (and records that it was)."""
@@ -87,6 +90,7 @@ class Pacer:
                 step = self.total * self.every_fraction
                 self.next_n = (int(n / step) + 1) * step
             self.last_t = now
+            self._prev, self._mark = self._mark, (n, now)
             return True
         return False
 
@@ -94,10 +98,16 @@ class Pacer:
         return time.monotonic() - self.start
 
     def eta(self, n: float) -> float | None:
-        """Seconds left at the mean rate so far (None without a total or progress)."""
+        """Seconds left at the rate since the line before this one (the mean rate so far when
+        there was no progress in between); None without a total or any progress."""
         if not self.total or n <= 0:
             return None
-        return self.elapsed() * max(0.0, self.total - n) / n
+        left = max(0.0, self.total - n)
+        prev_n, prev_t = self._prev
+        now = time.monotonic()
+        if n > prev_n and now > prev_t and prev_n > 0:
+            return left * (now - prev_t) / (n - prev_n)
+        return self.elapsed() * left / n
 
     def describe(self, n: float, unit: str) -> str:
         """'n/total unit (p%), rate, elapsed, ETA' for a line."""

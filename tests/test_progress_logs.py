@@ -27,7 +27,7 @@ from PIL import Image
 import data_server_cases as cases
 from data_pipeline.serve import ImageServer
 from data_pipeline.stats_chart import CHART_NAME, WIDTH_PX, height_px
-from pretrain.progress import LineProgress, progress
+from pretrain.progress import LineProgress, Pacer, progress
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = re.compile(r"[\d.e+]+ \w+/s|[\d.e+]+ s/\w+")
@@ -48,6 +48,15 @@ def test_lines_every_tenth_with_rate_and_eta_and_a_final_done() -> None:
     assert lines[0].startswith("[progress] unit: 100/1000 img (10%), ")
     assert all(RATE.search(line) and "elapsed " in line for line in lines), lines
     assert all("ETA " in line for line in lines[:-1]) and lines[-1].endswith(", done"), lines
+
+
+def test_eta_follows_the_recent_rate_not_a_slow_start() -> None:
+    pacer = Pacer(total=100, every_s=3600)
+    time.sleep(0.4)  # a slow start: workers spawning
+    assert pacer.due(10) and not pacer.due(15)
+    assert pacer.due(20)  # 10 more almost at once
+    # the mean rate so far would say ~1.6 s for the 80 left; the rate since the last line says ~0
+    assert pacer.eta(20) < 0.3 and pacer.elapsed() * 80 / 20 > 1.5
 
 
 def test_time_paced_lines_without_a_total_and_a_bar_only_on_a_terminal(monkeypatch) -> None:
