@@ -103,7 +103,7 @@ def stats_markdown(stats: dict[str, Any], chart: str | None = None) -> str:
     """The markdown page; `chart`: the reject-reason bar chart's file name beside it."""
     lines = ["# Data build statistics", ""]
     if chart:
-        lines += [f"![rejected URLs by reason, and the kept samples]({chart})", ""]
+        lines += [f"![rejected URLs by reason]({chart})", ""]
     lines += ["| | reason | count |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in _rows(stats)]
     for name, h in stats["histograms"].items():

@@ -84,10 +84,12 @@ def training_figure_png(run_dir: str | Path) -> bytes:
         if points:
             ax.plot([s for s, _ in points], [100 * a for _, a in points], marker="o", color="#d62728")
             for s, a in points[-1:]:
-                ax.annotate(f"{100 * a:.1f}%", (s, 100 * a), textcoords="offset points", xytext=(4, 4),
+                ax.annotate(f"{100 * a:.1f}%", (s, 100 * a), textcoords="offset points", xytext=(-34, 6),
                             fontsize=8)
         else:
             ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
+        last = max([s for s, _ in points] + [int(r["step"]) for r in rows if isinstance(r.get("step"), int)] + [1])
+        ax.set_xlim(0, last * 1.05)  # the same step range as the training curves
         ax.set_title("zero-shot top-1 (%) per evaluation", fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
