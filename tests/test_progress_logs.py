@@ -137,3 +137,37 @@ def test_data_build_log_without_a_terminal(tmp_path: Path) -> None:
         assert im.format == "PNG" and im.size == (WIDTH_PX, height_px(len(stats["counts"])))
         im.verify()
     assert f"]({CHART_NAME})" in (out / "stats.md").read_text()
+
+
+CHILD = ("import sys; print('img2dataset-like line'); sys.stdout.flush(); "
+         "sys.stderr.write('1it [00:01, 1.0it/s]\\r2it [00:02, 1.0it/s]\\n')")
+
+
+def test_crawl_output_moves_child_output_to_the_log(tmp_path: Path, capfd, monkeypatch) -> None:
+    from data_pipeline.crawl_output import LOG_NAME, crawl_output
+
+    monkeypatch.delenv("CLIP_VERBOSE", raising=False)
+    monkeypatch.setenv("CLIP_PROGRESS", "lines")
+    crawl_dir = tmp_path / "crawl"
+    with crawl_output(str(crawl_dir), total=10, count=lambda: 10, poll_s=0.05):
+        # a spawned worker inherits fds 1 and 2 (img2dataset's main-process prints: the data build test)
+        subprocess.run([sys.executable, "-c", CHILD], check=True)
+    out, err = capfd.readouterr()
+    log = (crawl_dir / LOG_NAME).read_text()
+    assert "img2dataset-like line" in log and "2it [00:02" in log
+    assert "img2dataset-like line" not in out + err and "\r" not in out + err
+    assert _lines(err) == [_lines(err)[0]] and _lines(err)[0].endswith(", done"), err
+    # a failure shows the log's last lines (the redraws collapsed) with the error
+    with pytest.raises(RuntimeError, match="boom"):
+        with crawl_output(str(crawl_dir), total=10, count=lambda: 3, poll_s=0.05):
+            subprocess.run([sys.executable, "-c", CHILD], check=True)
+            raise RuntimeError("boom")
+    out, err = capfd.readouterr()
+    assert f"{LOG_NAME}; its last lines:" in err and "img2dataset-like line" in err and "\r" not in err
+    assert (crawl_dir / LOG_NAME).read_text().count("img2dataset-like line") == 2  # appended
+    # --verbose: left as it is
+    monkeypatch.setenv("CLIP_VERBOSE", "1")
+    with crawl_output(str(tmp_path / "verbose"), total=10, count=lambda: 10):
+        subprocess.run([sys.executable, "-c", CHILD], check=True)
+    out, err = capfd.readouterr()
+    assert "img2dataset-like line" in out and not (tmp_path / "verbose" / LOG_NAME).exists()
