@@ -117,9 +117,9 @@ class Pacer:
         else:
             head = f"{n:g} {unit}"
         parts = [head, _rate(n, el, unit), f"elapsed {clock(el)}"]
-        eta = self.eta(n)
-        if eta is not None:
-            parts.append(f"ETA {clock(eta)}")
+        if self.total:
+            eta = self.eta(n)
+            parts.append(f"ETA {clock(eta)}" if eta is not None else "ETA ?")  # "?": nothing done yet
         return ", ".join(parts)
 
 
