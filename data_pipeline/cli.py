@@ -10,11 +10,16 @@
 Any config key is an option: ``--section.key=value`` (``--help`` lists them all). A later
 stage reuses the config saved in ``out/build_config.json``; rerunning a killed command
 continues where it stopped.
+
+Progress: a bar per stage on a terminal; in a file or pipe a line every ~10% or ~30 s with
+rate and ETA (pretrain/progress.py). img2dataset's own output goes to
+``out/crawl/img2dataset.log`` unless ``--verbose``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -63,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--output", "-o", help="output directory (fsspec URL)", required=name not in _WITH_INPUT)
         p.add_argument("--config", help="YAML config file (keys as listed below)")
         p.add_argument("--processes", type=int, help="worker processes (0: all cores)")
+        p.add_argument("--verbose", action="store_true",
+                       help="show img2dataset's own output (default: it goes to OUT/crawl/img2dataset.log)")
         if name in _WITH_INPUT:
             p.add_argument("--distributor", choices=["multiprocessing", "pyspark", "ray"],
                            help="img2dataset distributor (default multiprocessing)")
@@ -112,6 +119,10 @@ def _resolve(args: argparse.Namespace, rest: list[str]) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
+    if args.verbose:
+        from pretrain.progress import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # read by the stages and their worker processes
     from pretrain.redact import install_log_redaction, redact
 
     install_log_redaction()

@@ -58,6 +58,7 @@ from typing import Iterator
 
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
+from data_pipeline.crawl_output import crawl_output
 from data_pipeline.egress import EgressProxy
 from data_pipeline.layout import Layout
 from data_pipeline.politeness import queue_seconds
@@ -219,11 +220,12 @@ def crawl_inputs(layout: Layout, rounds: list[RetryRound]) -> list[CrawlInput]:
 
 def download(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: int,
              policy: AddressPolicy | None = None, resolver: Resolver = resolve_host,
-             inputs: list[CrawlInput] | None = None) -> dict[str, int]:
+             inputs: list[CrawlInput] | None = None, total_urls: int = 0) -> dict[str, int]:
     """Crawl ``inputs`` (default: ``OUT/input``) with img2dataset's reader, writer and
     distributors, shard by shard under the watchdog (:mod:`data_pipeline.crawl_worker`),
     every fetch through the egress proxy; finished crawl shards are skipped (a rerun
-    resumes). Returns the proxy's counts (also added to ``egress.json``)."""
+    resumes). Returns the proxy's counts (also added to ``egress.json``).
+    Progress: the proxy's request count out of `total_urls` (:mod:`data_pipeline.crawl_output`)."""
     _check_distributor(cfg.crawl.distributor)
     c = cfg.crawl
     extra = _extra_columns(layout)
@@ -231,7 +233,8 @@ def download(cfg: BuildConfig, layout: Layout, processes: int, oom_shard_count: 
                         deadline=c.download_deadline, host=c.egress_bind, port=c.egress_port,
                         host_max_connections=c.host_max_connections, host_rate=c.host_rate,
                         host_queue_s=queue_seconds(c.timeout))
-    with proxy, crawl_environment(cfg, proxy):
+    with proxy, crawl_environment(cfg, proxy), crawl_output(
+            layout.crawl_dir, total_urls, lambda: sum(proxy.counts().get(k, 0) for k in ("requests", "tunnels"))):
         _run_img2dataset(cfg, layout, processes, oom_shard_count, extra,
                          inputs or [CrawlInput(layout.input_dir, 0)])
     counts = proxy.counts()
@@ -323,7 +326,7 @@ def run_crawl(cfg: BuildConfig, layout: Layout, resolver: Resolver = resolve_hos
     egress: dict[str, int] = {}
     if plan.shard_ids and unfinished_shards(layout, plan):
         egress = download(cfg, layout, cfg.resolved_processes(), plan.oom_shard_count, policy, resolver,
-                          crawl_inputs(layout, rounds))
+                          crawl_inputs(layout, rounds), total_urls=sum(prep.passed))
     if retry_failed and plan.shard_ids and not unfinished_shards(layout, plan):
         new = plan_retry_round(layout, [plan.name(i) for i in plan.shard_ids], len(plan.shard_ids), sps)
         if new is not None:

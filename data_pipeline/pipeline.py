@@ -31,6 +31,7 @@ from data_pipeline.prepare import PrepareSummary, load_prepared
 from data_pipeline.retry_failed import load_rounds
 from data_pipeline.shard import load_crawl_meta, run_shard
 from data_pipeline.stats import compute_stats, stats_markdown, summary_table
+from data_pipeline.stats_chart import CHART_NAME, reject_chart_png
 from pretrain.fs import DirBusyError, lock_dir, unlock_dir
 from pretrain.redact import redact_tree
 
@@ -156,7 +157,9 @@ def stats(cfg: BuildConfig, echo: bool = True) -> dict[str, Any]:
     result = compute_stats(prep.rows, counts, outcome.kept, meta, shards, timings, load_egress_counts(layout),
                            load_watchdog_kills(layout))
     fsutil.write_json(layout.stats_json, result)
-    fsutil.write_text(layout.stats_md, stats_markdown(result))
+    chart = layout.path(CHART_NAME)
+    fsutil.write_bytes(chart, reject_chart_png(result))
+    fsutil.write_text(layout.stats_md, stats_markdown(result, chart=CHART_NAME))
     if echo:
         print(summary_table(result), flush=True)
         if result["unaccounted"]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
@@ -24,6 +24,7 @@ from data_pipeline.inputs import list_input_files, read_url_table
 from data_pipeline.layout import Layout
 from data_pipeline.optout import OptOutChecker
 from data_pipeline.safety import AddressPolicy, Resolver, UrlGuard, resolve_host
+from pretrain.progress import progress
 
 MISSING_URL = "input/missing_url"
 
@@ -37,7 +38,7 @@ class PrepareSummary:
 
 
 def _prepare_one(table: pa.Table, first_row: int, guard: UrlGuard, optout: OptOutChecker,
-                 bar: tqdm) -> tuple[pa.Table, Counter[str]]:
+                 bar: Any) -> tuple[pa.Table, Counter[str]]:
     urls = table.column("url").to_pylist()
     reasons = guard.check_many(urls)
     # Opt-outs only for URLs the address check let through: never a robots.txt fetch from
@@ -74,7 +75,7 @@ def prepare_inputs(cfg: BuildConfig, layout: Layout, policy: AddressPolicy | Non
     fsutil.remove_stale_tmp(layout.input_dir)
     summary = PrepareSummary()
     total: Counter[str] = Counter()
-    with optout, tqdm(desc="prepare: read + safety check + opt-outs", unit="url") as bar:
+    with optout, progress(desc="prepare: read + safety check + opt-outs", unit="url") as bar:
         for i, src in enumerate(files):
             out = fsutil.join(layout.input_dir, f"{i:05d}.parquet")
             meta_path = fsutil.join(layout.input_dir, f"{i:05d}.json")

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from data_pipeline import fsutil
 from data_pipeline.config import BuildConfig
 from data_pipeline.layout import Layout
+from pretrain.progress import progress
 from pretrain.shards.tario import TarIndex, tar_bytes
 
 # Columns of the kept table written as-is into the json's top level; others are scores.
@@ -150,4 +150,4 @@ def run_shard(cfg: BuildConfig, layout: Layout, kept: pd.DataFrame) -> list[dict
         return {"path": rel, "num_samples": hi - lo, "sha256": hashlib.sha256(data).hexdigest()}
 
     with ThreadPoolExecutor(max(1, cfg.resolved_processes())) as pool:
-        return list(tqdm(pool.map(one, range(n_shards)), total=n_shards, desc="shard: write tars", unit="tar"))
+        return list(progress(pool.map(one, range(n_shards)), total=n_shards, desc="shard: write tars", unit="tar"))

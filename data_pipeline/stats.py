@@ -10,7 +10,9 @@ as ``download/truncated``) shows there with its cause (``safety/body_too_large``
 killed (:mod:`data_pipeline.crawl_worker`; their shards were retried).
 
     stats = compute_stats(rows_in, counts, kept, meta, shards, timings, egress, watchdog_kills)
-    print(summary_table(stats)); write_text(path, stats_markdown(stats))
+    print(summary_table(stats)); write_text(path, stats_markdown(stats, chart="stats_rejects.png"))
+
+The bar chart of the reject reasons is drawn by :mod:`data_pipeline.stats_chart`.
 """
 from __future__ import annotations
 
@@ -102,8 +104,12 @@ def summary_table(stats: dict[str, Any]) -> str:
     return "\n".join([line, *body, line])
 
 
-def stats_markdown(stats: dict[str, Any]) -> str:
-    lines = ["# Data build statistics", "", "| | reason | count |", "|---|---|---|"]
+def stats_markdown(stats: dict[str, Any], chart: str | None = None) -> str:
+    """The markdown page; `chart`: the reject-reason bar chart's file name beside it."""
+    lines = ["# Data build statistics", ""]
+    if chart:
+        lines += [f"![rejected URLs by reason]({chart})", ""]
+    lines += ["| | reason | count |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in _rows(stats)]
     for name, h in stats["histograms"].items():
         lines += ["", f"## {name.replace('_', ' ')}", "", "| bin | count |", "|---|---|"]

@@ -117,3 +117,15 @@ def test_demo_end_to_end(tmp_path, mlflow_server):
     assert "loss" in metrics and "eval/zeroshot_top1" in metrics
     hist = _rest(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={runs[0]['info']['run_id']}&metric_key=loss")
     assert [m["step"] for m in hist["metrics"]][-1] == 20
+    figures = _rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={runs[0]['info']['run_id']}&path=figures")
+    assert [f["path"] for f in figures["files"]] == ["figures/training_curves.png"]
+
+    # 6. what a reader of the output (a file here, no terminal) sees: progress lines, no
+    # redraw fragments, no library chatter (that needs --verbose); and the two pictures
+    raw = (tmp_path / "demo.log").read_bytes()  # (read_text would turn a '\r' into a newline)
+    assert b"\r" not in raw and b"[progress] crawl: download: " in raw
+    for chatter in ("Setting accelerator to CPU", "built successfully", "Starting the downloading",
+                    "Unable to find hostfile", "Processing zero checkpoint", "Creating initial MLflow"):
+        assert chatter not in proc.output, chatter
+    for png in (out / "data" / "stats_rejects.png", run / "training_curves.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

@@ -69,7 +69,7 @@ def tiny_overrides(data: CaptionData, *, model: str = "RN-tiny", stage: int = 1,
         f"--data.samples_per_epoch={global_batch * steps}", "--data.workers=1", "--data.shuffle_buffer=48",
         f"--train.global_batch={global_batch}", f"--train.micro_batch={micro_batch}", "--train.epochs=1",
         f"--train.zero_stage={stage}", f"--train.precision={precision}", f"--optimizer.lr={lr}",
-        "--schedule.warmup_steps=2", "--logging.every_steps=1", "--checkpoint.every_steps=0",
+        "--schedule.warmup_steps=2", "--logging.every_steps=1", "--logging.console=every", "--checkpoint.every_steps=0",
         # the final MLflow model (a reload of the run and an upload) only where a test is about it
         "--logging.log_model=false",
         *(extra or []),

@@ -17,12 +17,12 @@ from typing import Any
 
 import imagehash
 import pyarrow as pa
-from tqdm import tqdm
 
 from data_pipeline.filter import caption_rules, fsio, image_rules
 from data_pipeline.filter.balance import EntryMatcher, load_entries
 from data_pipeline.filter.clip_score import CLIP_SCORE, ClipScorer
 from data_pipeline.filter.config import FilterConfig, pass1_fingerprint
+from pretrain.progress import progress
 
 KEPT = "kept"
 DUPLICATE_KEY = "filter/duplicate_key"
@@ -151,7 +151,8 @@ def filter_shard(tar: str, work_dir: str, cfg: FilterConfig, position: int | Non
     records: list[dict[str, Any]] = []
     pending: list[tuple[int, Any]] = []  # (record index, image) awaiting a CLIP batch
     seen_keys: set[str] = set()
-    bar = tqdm(desc=f"filter {fsio.tar_stem(tar)}", unit="img", position=position, leave=False, dynamic_ncols=True)
+    # one bar per worker on a terminal; a log gets the stage's "filter pass 1" lines only
+    bar = progress(desc=f"filter {fsio.tar_stem(tar)}", unit="img", nested=True, position=position, leave=False)
     for key, parts in fsio.iter_tar_samples(tar):
         if key in seen_keys:
             # A repeated key would make the (source_tar, key) order and the shard stage's

@@ -11,12 +11,11 @@ import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from tqdm import tqdm
-
 from data_pipeline.filter import fsio
 from data_pipeline.filter.config import FilterConfig
 from data_pipeline.filter.global_pass import FilterResult, global_pass
 from data_pipeline.filter.shard_pass import filter_shard
+from pretrain.progress import progress
 
 
 def _check_names(input_tars: list[str]) -> None:
@@ -45,7 +44,7 @@ def filter_stage(input_tars: list[str], work_dir: str, cfg: FilterConfig, proces
             raise FileNotFoundError(f"filter input tar not found: {t}")
     _check_names(tars)
     fsio.makedirs(fsio.join(work_dir, "per_shard"))
-    bar = tqdm(total=len(tars), desc="filter pass 1", unit="tar", dynamic_ncols=True)
+    bar = progress(total=len(tars), desc="filter pass 1", unit="tar")
     if processes <= 1 or len(tars) <= 1:
         for t in tars:
             filter_shard(t, work_dir, cfg)

@@ -254,9 +254,13 @@ class LoggingConfig:
     run_name: str = ""  # "" = the run dir's name
     log_model: bool = True  # a finished run logs its final model as an MLflow pyfunc model
     registered_model_name: str = ""  # "" = not registered; else that model version is created
+    # The console's step line: "paced" = every ~10% of the steps or ~30 s (pretrain/progress.py),
+    # "every" = at every logging step. metrics.jsonl and MLflow get every logging step either way.
+    console: str = "paced"
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "logging.every_steps must be >= 1")
+        _check(self.console in ("paced", "every"), f"logging.console must be paced or every, not {self.console!r}")
         name = self.registered_model_name
         _check(not name or (name.strip() and not set(name) & set("/:")),  # MLflow's name rule
                f"logging.registered_model_name {name!r}: must not be blank or contain '/' or ':'")

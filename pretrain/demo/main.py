@@ -8,8 +8,16 @@
    plus a few-shot linear probe;
 5. prints a summary and the command that opens the MLflow dashboard.
 
-    python -m pretrain.demo [--out demo_out] [--images 8000] [--steps 600]
+    python -m pretrain.demo [--out demo_out] [--images 8000] [--steps 600] [--verbose]
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python -m pretrain.demo   # log to a server
+
+Its output reads the same in a terminal and in a file: each stage's progress (a bar on a
+terminal, else a line every ~10% or ~30 s with rate and ETA: pretrain/progress.py), no
+library chatter. ``--verbose`` (``CLIP_VERBOSE=1`` for every stage) lets it all through:
+img2dataset's own output (otherwise in ``OUT/data/crawl/img2dataset.log``), the DeepSpeed
+launcher's and accelerator probe's lines, MLflow's info lines, the training line at every
+logging step. Pictures: ``OUT/data/stats_rejects.png`` (linked from stats.md) and
+``OUT/run/training_curves.png`` (also an MLflow artifact).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import yaml
 from data_pipeline.serve import ImageServer
 from pretrain.demo.web import build_web_files, write_url_list
 from pretrain.packaged_data import fashion_mnist_available
+from pretrain.progress import VERBOSE_ENV, verbose
 from pretrain.train.distributed import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +63,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on a subset of the test split (0: all)")
     p.add_argument("--shots", default="1,2,4,8,16", help="few-shot k values")
     p.add_argument("--keep", action="store_true", help="reuse an existing --out (resumable stages)")
+    p.add_argument("--verbose", action="store_true",
+                   help="let libraries' own output through (img2dataset, DeepSpeed, MLflow, warnings)")
     return p.parse_args(argv)
+
+
+def quiet_env() -> dict[str, str]:
+    """What the stages run with unless --verbose: the accelerator named (DeepSpeed's probe
+    otherwise warns in every process that it found no GPU) and MLflow's info lines off."""
+    if verbose():
+        return {}
+    import torch
+
+    env = {"MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+    return env
 
 
 def build_data(out: Path, n_images: int) -> tuple[Path, dict]:
@@ -66,6 +90,9 @@ def build_data(out: Path, n_images: int) -> tuple[Path, dict]:
         _run([sys.executable, "-m", "data_pipeline", "build", "--urls", str(urls), "--output", str(out / "data"),
               "--allow-private-addresses", "--processes", "2",
               "--crawl.number_sample_per_shard=2000", "--crawl.thread_count=16", "--crawl.timeout=5",
+              # the demo's web is its own server on this machine: no per-host politeness limit
+              # (the default 4 new connections/s would make its 8,388 URLs take 35 minutes)
+              "--crawl.host_rate=0", "--crawl.host_max_connections=0",
               "--shard.samples_per_shard=2000"])
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     return out / "data" / "manifest.json", manifest
@@ -84,17 +111,21 @@ def train(out: Path, manifest_path: Path, n_kept: int, steps: int, eval_dataset:
     cfg["schedule"]["warmup_steps"] = min(cfg["schedule"]["warmup_steps"], max(0, steps // 5))
     cfg["checkpoint"]["every_steps"] = min(cfg["checkpoint"]["every_steps"], steps)
     cfg["logging"]["every_steps"] = max(1, min(cfg["logging"]["every_steps"], steps // 10))  # >= 10 points
+    cfg["logging"]["console"] = "every" if verbose() else "paced"
     cfg_path = out / "demo_run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    # a free port rather than the launcher's fixed 29500, which another job on this machine may hold
+    # a free port rather than the launcher's fixed 29500, which another job on this machine may hold;
+    # the launcher's own info lines and its "no hostfile" warning (a one-machine run has none) only
+    # with --verbose
     _run([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+          *([] if verbose() else ["--log_level", "error"]),
           str(REPO / "pretrain" / "run.py"), "--config", str(cfg_path)],
          env={"OMP_NUM_THREADS": "1"})
     return out / "run"
 
 
 def evaluate(out: Path, run_dir: Path, dataset: str, limit: int, shots: str) -> dict:
-    common = ["--checkpoint", str(run_dir), "--dataset", dataset, "--quiet", "--no-cache"]
+    common = ["--checkpoint", str(run_dir), "--dataset", dataset, "--no-cache"]
     if limit:
         common += ["--limit", str(limit)]
     results = {}
@@ -102,9 +133,7 @@ def evaluate(out: Path, run_dir: Path, dataset: str, limit: int, shots: str) -> 
         task_out = out / "eval" / task
         _run([sys.executable, "-m", "pretrain.eval", task, *common, "--output-dir", str(task_out), *extra])
         own = [p for p in sorted(glob.glob(str(task_out / "*.json"))) if not p.endswith(".clip_benchmark.json")]
-        results[task] = json.loads(Path(own[0]).read_text())
-        for md in sorted(glob.glob(str(task_out / "*.md"))):
-            print(Path(md).read_text())
+        results[task] = json.loads(Path(own[0]).read_text())  # (its table was printed by the eval CLI)
     return results
 
 
@@ -120,6 +149,9 @@ def _throughput(run_dir: Path) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # every stage below reads it (pretrain/progress.py)
+    os.environ.update(quiet_env())
     out = Path(args.out).resolve()
     if out.exists() and not args.keep:
         shutil.rmtree(out)
@@ -154,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"zero-shot:  top-1 {zs['top1']:.1%} on {zs['n']} held-out {dataset.split(':')[1]} test images "
           f"(chance {summary['chance']:.0%})")
     print(f"time:       {summary['minutes']}")
+    figure = run_dir / "training_curves.png"
+    print(f"pictures:   {out / 'data' / 'stats_rejects.png'}" + (f", {figure}" if figure.is_file() else ""))
     if tracking.startswith("sqlite:"):
         print(f"dashboard:  {_bin('mlflow')} ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000")
     else:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from pretrain.data.workers import worker_context
+from pretrain.progress import progress as show_progress
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def extract_image_features(
     loader = image_batches(dataset, device, batch_size=batch_size, num_workers=num_workers)
     feats, idx, skipped = [], [], 0
     with torch.no_grad(), autocast_for(device):
-        for images, indices, bad in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+        for images, indices, bad in show_progress(loader, desc=desc, disable=not progress, unit="batch"):
             skipped += bad
             if images is None:
                 continue
@@ -114,7 +114,7 @@ def encode_texts(
     out = []
     starts = range(0, len(texts), batch_size)
     with torch.no_grad(), autocast_for(device):
-        for start in tqdm(starts, desc="text features", disable=not progress or len(starts) < 2, unit="batch"):
+        for start in show_progress(starts, desc="text features", disable=not progress or len(starts) < 2, unit="batch"):
             tokens = tokenizer(list(texts[start:start + batch_size]), context_length=ctx)
             out.append(F.normalize(model.encode_text(tokens.to(device)).float(), dim=-1))
     return torch.cat(out)

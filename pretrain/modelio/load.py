@@ -21,6 +21,7 @@ import contextlib
 import io
 import os
 import pickle
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 
 from pretrain.modelio.hf import is_hf_dir, read_hf_dir
 from pretrain.modelio.tags import CHECKPOINT_DIR, complete_tags, read_marker
+from pretrain.progress import verbose
 
 
 class UnsafeCheckpointError(ValueError):
@@ -90,6 +92,22 @@ def resolve_tag(run_dir: str | Path, tag: str | None) -> str:
     return tag
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """zero_to_fp32's prints and its tqdm bar ("Processing zero checkpoint ...") only with
+    CLIP_VERBOSE; shown after all when the consolidation fails."""
+    if verbose():
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield
+    except BaseException:
+        sys.stderr.write(buf.getvalue())
+        raise
+
+
 def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
     """fp32 module state dict of a complete tag (newest when None), whatever the ZeRO stage."""
     run_dir = Path(run_dir)
@@ -100,7 +118,8 @@ def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> dict
         if int(record.get("zero_stage", 0)) >= 1:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+            with _quiet():
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
         else:  # ZeRO-0 has no shards: the module is stored whole
             sd = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
             sd = sd["module"] if isinstance(sd, dict) else None

@@ -16,7 +16,9 @@ per device, or a plain single process.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import logging
 import os
 import re
@@ -28,6 +30,8 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+
+from pretrain.progress import verbose
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +89,13 @@ def silence_collective_deprecations() -> None:
 
 
 def setup_logging(rank: int) -> None:
-    """This project's loggers: INFO on rank 0, WARNING elsewhere; other libraries WARNING;
-    torch's deprecation warnings for DeepSpeed's per-step collectives silenced."""
+    """This project's loggers: INFO on rank 0, WARNING elsewhere; other libraries WARNING
+    (MLflow too, which installs its own INFO handler at import, unless `MLFLOW_LOGGING_LEVEL`
+    or `CLIP_VERBOSE` says otherwise); torch's deprecation warnings for DeepSpeed's per-step
+    collectives silenced."""
     silence_collective_deprecations()
+    if not verbose():
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
                         format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -102,8 +110,10 @@ def init(env: DistEnv, timeout_s: int) -> torch.device:
         backend, device = "nccl", torch.device("cuda", env.local_rank)
     else:
         backend, device = "gloo", torch.device("cpu")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    # DeepSpeed prints "... shm_comm_op built successfully" from every rank: only with CLIP_VERBOSE
+    with contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
         raise RuntimeError(f"process group has rank {dist.get_rank()}/{dist.get_world_size()}, "
                            f"launch env says {env.rank}/{env.world_size}")

@@ -4,7 +4,11 @@ Per optimizer step: preemption check (all ranks agree) -> `grad_accum` micro-bat
 the loader -> LR for this step -> `train_step` -> logit-scale clamp -> (every `logging.every_steps`:
 read the buffered steps' figures back in one transfer, counters, metrics) -> non-finite
 stop check -> checkpoint (every `checkpoint.every_steps` and at the end) -> evaluation
-(every `eval.every_steps` and at the end). The plain step's loss, non-finite flag, logit
+(every `eval.every_steps` and at the end), after which rank 0 redraws the training-curve
+figure (pretrain/train/figure.py; also at the end) and queues it for MLflow. Every logging
+step goes to metrics.jsonl and MLflow; the console line with rate and ETA comes every ~10%
+of the steps or ~30 s (`logging.console=paced`, pretrain/progress.py) or at every logging
+step (`every`). The plain step's loss, non-finite flag, logit
 scale and skipped-sample counts stay on the device between read-backs (also done before a
 checkpoint, an evaluation or a preemption save), and the counters are then computed from
 each buffered step in order: they equal those of a read-back every step. Returns the
@@ -29,12 +33,14 @@ from pretrain.data import DataSource, make_train_loader
 from pretrain.engine_step import PendingStep, read_back
 from pretrain.gradcache import gradcache_train_step
 from pretrain.loss import get_loss
+from pretrain.progress import Pacer, clock
 from pretrain.tokenizer import default_tokenizer
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.backends import configure_backends
 from pretrain.train.build import build_engine
 from pretrain.train.distributed import DistEnv, barrier
 from pretrain.train.evaluation import PeriodicEval
+from pretrain.train.figure import ARTIFACT_DIR, write_training_figure
 from pretrain.train.logit_scale import clamp_logit_scale
 from pretrain.train.meter import WindowMeter
 from pretrain.train.optim import lr_at, set_lr
@@ -83,8 +89,11 @@ def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
     if env.is_main:
         tracker.log_artifact(run_dir / "run_config.yaml")
         tracker.log_artifact(run_dir / "ds_config.json")
+    trainer = _Trainer(cfg, env, device, engine, state, tracker, run_dir, accum)
     try:
-        code, status = _Trainer(cfg, env, device, engine, state, tracker, run_dir, accum).run(preempt)
+        code, status = trainer.run(preempt)
+        if env.is_main and trainer.figure_step != state.step:
+            trainer.publish_figure()
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -117,6 +126,11 @@ class _Trainer:
         self.pending: list[tuple] = []
         self.last_out = None
         self.limit_step: int | None = None  # the step at which max_consecutive_nonfinite was reached
+        # The console line: every ~10% of this attempt's steps or ~30 s (pretrain/progress.py);
+        # metrics.jsonl and MLflow still get every `logging.every_steps`.
+        self.first_step = state.step
+        self.pacer = Pacer(self.total - state.step)
+        self.figure_step: int | None = None  # the step the training figure was last drawn at
 
     def run(self, preempt: PreemptionFlag) -> tuple[int, str]:
         state = self.state
@@ -220,9 +234,14 @@ class _Trainer:
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.step, **metrics}) + "\n")
         norm = f"{out.grad_norm:.3g}" if out.grad_norm is not None else "-"
-        log.info("step %d/%d loss %.4f lr %.3g scale %.2f grad_norm %s %.1f samples/s data %.0f%% skipped %d",
-                 state.step, self.total, metrics["loss"], lr, out.logit_scale, norm, metrics["samples_per_s"],
-                 100 * metrics["data_wait_frac"], state.skipped_samples)
+        done = state.step - self.first_step
+        shown = self.pacer.due(done) or state.step == self.total or self.cfg.logging.console == "every"
+        eta = self.pacer.eta(done)
+        log.log(logging.INFO if shown else logging.DEBUG,
+                "step %d/%d loss %.4f lr %.3g scale %.2f grad_norm %s %.1f samples/s data %.0f%% skipped %d, "
+                "elapsed %s, ETA %s", state.step, self.total, metrics["loss"], lr, out.logit_scale, norm,
+                metrics["samples_per_s"], 100 * metrics["data_wait_frac"], state.skipped_samples,
+                clock(self.pacer.elapsed()), clock(eta) if eta is not None else "-")
 
     def _after_step(self) -> None:
         state, t = self.state, self.cfg.train
@@ -246,3 +265,11 @@ class _Trainer:
             self.tracker.log_metrics(results, state.step)
             if self.env.is_main:
                 self.tracker.log_artifact(self.evaluator.result_path(state.step), "eval")
+                self.publish_figure()
+
+    def publish_figure(self) -> None:
+        """Rank 0: redraw <run dir>/training_curves.png and queue it for MLflow."""
+        path = write_training_figure(self.run_dir)
+        self.figure_step = self.state.step
+        if path is not None:
+            self.tracker.log_artifact(path, ARTIFACT_DIR)
