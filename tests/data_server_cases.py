@@ -39,6 +39,11 @@ FILTER_OVERRIDES = {
     "filter.image.max_aspect_ratio": 3.0,
     "filter.dedup.phash_distance": 4,
 }
+# The test web is one loopback host serving every URL of a build: the per-host politeness
+# limits (tested by tests/test_crawl_fetch.py and test_crawl_polite.py) would only pace it.
+NO_HOST_LIMITS = {"crawl.host_rate": 0, "crawl.host_max_connections": 0}
+# What a test's data build over the test web passes: the filter settings and no host limits.
+BUILD_OVERRIDES = {**FILTER_OVERRIDES, **NO_HOST_LIMITS}
 PHRASES = [
     "a photo of a {c} on a plain background",
     "studio shot of a {c}, product catalogue",
@@ -248,7 +253,7 @@ def check_distributor_crawl(tmp_path: Path, distributor: str, n_good: int, wante
             ("urls", str(tmp_path / "urls.parquet")), ("output", str(tmp_path / "out")),
             ("processes", 2), ("crawl.distributor", distributor), ("crawl.thread_count", 4),
             ("crawl.number_sample_per_shard", shard), ("crawl.timeout", TIMEOUT_S),
-            ("crawl.allowed_networks", ["127.0.0.1/32"]),
+            ("crawl.allowed_networks", ["127.0.0.1/32"]), *NO_HOST_LIMITS.items(),
         ])
         pipeline.crawl(cfg)
     layout = Layout(cfg.output)

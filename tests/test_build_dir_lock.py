@@ -41,7 +41,7 @@ def test_second_build_on_a_locked_output_is_refused(tmp_path: Path) -> None:
         stray.write_bytes(b"a temp file of the running build")
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "data_pipeline", "build", "--urls", str(urls), "--output", str(out),
-                               "--allow-private-addresses"], cwd=REPO, env=env, capture_output=True, text=True,
+                               "--allow-private-addresses", "--crawl.host_rate=0"], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=120)
         text = proc.stdout + proc.stderr
         assert proc.returncode == 2, text[-3000:]

@@ -160,7 +160,7 @@ def crawl(tmp_path_factory):
             ("crawl.thread_count", 16), ("crawl.number_sample_per_shard", 100), ("crawl.timeout", 4.0),
             ("crawl.download_deadline", DEADLINE), ("crawl.max_body_bytes", CAP),
             ("crawl.allowed_networks", ["127.0.0.1/32"]),
-        ] + list(cases.FILTER_OVERRIDES.items()))
+        ] + list(cases.BUILD_OVERRIDES.items()))
         layout = pipeline.bind(cfg, with_input=True)
         summary = run_crawl(cfg, layout, resolver=_resolver())
         pipeline.filter(cfg)

@@ -63,7 +63,7 @@ def crawl(tmp_path_factory):
             ("crawl.thread_count", 4), ("crawl.number_sample_per_shard", 100), ("crawl.timeout", 4.0),
             ("crawl.allowed_networks", ["127.0.0.1/32"]), ("crawl.robots_unreachable", "deny"),
             ("crawl.contact_url", "https://example.org/crawler"),
-        ] + list(cases.FILTER_OVERRIDES.items()))
+        ] + list(cases.BUILD_OVERRIDES.items()))
         pipeline.bind(cfg, with_input=True)
         pipeline.crawl(cfg)
         pipeline.filter(cfg)

@@ -40,7 +40,7 @@ def build_args(urls: Path, out: Path) -> list[str]:
         "--processes=1", "--crawl.thread_count=8", "--crawl.number_sample_per_shard=8",
         f"--crawl.timeout={cases.TIMEOUT_S}", "--crawl.allowed_networks=[127.0.0.1/32]",
         "--shard.samples_per_shard=5",
-    ] + [f"--{k}={v}" for k, v in cases.FILTER_OVERRIDES.items()]
+    ] + [f"--{k}={v}" for k, v in cases.BUILD_OVERRIDES.items()]
 
 
 def env() -> dict[str, str]:

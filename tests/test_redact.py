@@ -107,7 +107,7 @@ def test_data_build_from_a_presigned_url_list_logs_and_shares_no_credential(tmp_
                "--crawl.input_format=parquet", "--processes=1", "--crawl.thread_count=4",
                "--crawl.number_sample_per_shard=8", f"--crawl.timeout={cases.TIMEOUT_S}",
                "--crawl.allowed_networks=[127.0.0.1/32]", "--shard.samples_per_shard=5",
-               *[f"--{k}={v}" for k, v in cases.FILTER_OVERRIDES.items()]]
+               *[f"--{k}={v}" for k, v in cases.BUILD_OVERRIDES.items()]]
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
