@@ -50,5 +50,3 @@ fi
 
 # OpenAI's BPE vocabulary, from the open-clip-torch wheel, into the cache (never committed).
 "$VENV/bin/python" -m pretrain.assets fetch
-# The peer virtualenv .venv-peer (real open_clip + clip_benchmark; ~4 min and ~6 GB once): without it the interop tests fail, saying so; SKIP_PEER=1 skips both.
-scripts/setup_peer.sh || echo "[setup] WARNING: .venv-peer did not build: tests/test_openclip_interop.py will fail (SKIP_PEER=1 skips it)" >&2

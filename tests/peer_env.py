@@ -37,7 +37,7 @@ def peer_python() -> Path:
     if (PEER_VENV / ".setup-done").is_file() and PEER_PY.is_file():
         return PEER_PY
     why = (f"the peer virtualenv {PEER_VENV} (real open_clip + clip_benchmark) is not built: "
-           "run scripts/setup_peer.sh (scripts/setup.sh runs it), or set SKIP_PEER=1 to skip")
+           "run scripts/setup_peer.sh (make test runs it), or set SKIP_PEER=1 to skip")
     if os.environ.get("SKIP_PEER"):
         pytest.skip(why)
     pytest.fail(why, pytrace=False)

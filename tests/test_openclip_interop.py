@@ -1,7 +1,7 @@
 """Our OpenAI-layout export loads in the real `open_clip` package and gives our embeddings.
 
 open_clip (which needs torchvision) lives in the peer virtualenv .venv-peer
-(scripts/setup_peer.sh, run by scripts/setup.sh), never in .venv: each case writes our export
+(scripts/setup_peer.sh, run by `make test`), never in .venv: each case writes our export
 plus the pixel tensors and token ids as .npy files, and tests/openclip_peer.py, run by the peer
 interpreter, loads the file with open_clip and embeds exactly those inputs. Cases: random-init
 ViT-tiny (QuickGELU and GELU) and RN-tiny through a model-config JSON from
