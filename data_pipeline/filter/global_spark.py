@@ -131,20 +131,29 @@ def _near_pairs(distinct, d: int, n: int):
 
     m = choose_bands(max(n, 2), d)
     r = d // m
+    values = distinct.select("_v")
     index = query = None
     for b, (shift, width) in enumerate(_band_bounds(m)):
+        # Only the 8-byte values travel through the explode and the join's shuffle; the
+        # first occurrences (two strings) join back onto the few close pairs at the end.
         bv = F.shiftrightunsigned("_v", shift).bitwiseAND(F.lit((1 << width) - 1))
-        i = distinct.select("_v", "_first", F.lit(b).alias("_b"), bv.alias("_bv"))
+        i = values.select("_v", F.lit(b).alias("_b"), bv.alias("_bv"))
         pats = F.array(*[F.lit(p).cast("long") for p in _flip_patterns(width, r)])
-        q = distinct.select("_v", "_first", F.lit(b).alias("_b"), F.explode(pats).alias("_p"), bv.alias("_bv0"))
-        q = q.select("_v", "_first", "_b", F.col("_bv0").bitwiseXOR(F.col("_p")).alias("_bv"))
+        q = values.select("_v", F.lit(b).alias("_b"), F.explode(pats).alias("_p"), bv.alias("_bv0"))
+        q = q.select("_v", "_b", F.col("_bv0").bitwiseXOR(F.col("_p")).alias("_bv"))
         index = i if index is None else index.unionByName(i)
         query = q if query is None else query.unionByName(q)
-    x, y = query.alias("x"), index.alias("y")
-    return (x.join(y, (F.col("x._b") == F.col("y._b")) & (F.col("x._bv") == F.col("y._bv")))
-            .filter(F.col("x._first") < F.col("y._first"))
-            .filter(F.bit_count(F.col("x._v").bitwiseXOR(F.col("y._v"))) <= d)
-            .select(F.col("x._first").alias("a"), F.col("y._first").alias("b")).distinct())
+    # A sort-merge join: both sides are ~m * n rows, never something to broadcast (Spark's
+    # size estimate of the checkpointed input can be small enough to try, and run out of memory).
+    x, y = query.alias("x"), index.hint("merge").alias("y")
+    close = (x.join(y, (F.col("x._b") == F.col("y._b")) & (F.col("x._bv") == F.col("y._bv")))
+             .filter(F.col("x._v") < F.col("y._v"))
+             .filter(F.bit_count(F.col("x._v").bitwiseXOR(F.col("y._v"))) <= d)
+             .select(F.col("x._v").alias("_v1"), F.col("y._v").alias("_v2")).distinct())
+    f1 = distinct.select(F.col("_v").alias("_v1"), F.col("_first").alias("_f1"))
+    f2 = distinct.select(F.col("_v").alias("_v2"), F.col("_first").alias("_f2"))
+    pairs = close.join(f1, "_v1").join(f2, "_v2")
+    return pairs.select(F.least("_f1", "_f2").alias("a"), F.greatest("_f1", "_f2").alias("b"))
 
 
 def _balance(df, cfg: FilterConfig):
