@@ -127,7 +127,7 @@ def test_spark_at_scale_writes_from_the_executors(spark, tmp_path: Path) -> None
         conf.set("spark.driver.maxResultSize", saved)
     assert Path(sp.decisions_path).read_bytes() == a
     assert sp.counts == local.counts and sp.total_in == 200_000 and sp.n_kept == len(local.kept)
-    assert sp.counts["filter/near_duplicate"] > 1000 and sp.counts["filter/duplicate_image"] > 1000
+    assert sp.counts["filter/near_duplicate"] > 100 and sp.counts["filter/duplicate_image"] > 1000
     md = pq.ParquetFile(sp.decisions_path).metadata
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [ROW_GROUP, 200_000 - ROW_GROUP]
     assert not Path(sp.decisions_path + ".parts").exists()
