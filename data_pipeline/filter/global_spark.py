@@ -5,13 +5,13 @@ which is code-point order, as pandas sorts). Steps, each over the rows still ali
 
 - exact duplicates (image SHA-256, then (url, caption)): ``row_number()`` over a window per
   value, ordered by (source_tar, key); every row after the first is a duplicate;
-- near-duplicates: distinct hash values with their first occurrence; each value split into
-  d + 1 bands (a pair within Hamming distance d agrees exactly on at least one band, by
-  pigeonhole: multi-index hashing, Norouzi et al., CVPR 2012); a self-join on
-  (band, band value) gives the candidates, ``bit_count(a ^ b) <= d`` the pairs. The
-  greedy "removed when within d of an earlier *kept* hash" is sequential: the pairs (as
-  many as there are near-duplicates, not rows) go to the driver, which resolves them in
-  order as the local path does;
+- near-duplicates: distinct hash values with their first occurrence; the local path's
+  multi-index scheme (``_near_pairs``: m bands by ``neardup.choose_bands``, flip patterns
+  of <= d // m bits by ``explode``, a sort-merge equi-join on (band, band value), then
+  ``bit_count(a ^ b) <= d``); only 8-byte values go through that join. The greedy
+  "removed when within d of an earlier *kept* hash" is sequential: the close pairs (as many
+  as there are near-duplicates, not rows) go to the driver, which resolves them in order as
+  the local path does (at ~300 B a pair, the one driver-side cost left: ~6 GB for 20M pairs);
 - MetaCLIP balancing: entry counts by ``explode`` + ``groupBy``, the same per-(sample,
   entry) draw (``balance.draw``) in a pandas UDF, kept if any entry keeps it.
 
