@@ -4,8 +4,8 @@ Over the samples that passed every per-sample rule, in (source_tar, key) order (
 occurrence wins): exact duplicates by image SHA-256, then by (url, caption), then
 near-duplicates (pHash within Hamming distance d), then MetaCLIP balancing (decontamination
 against an eval set, when configured, runs first). ``global_spark`` gives the same decisions
-on Spark. Writes
-``<work_dir>/decisions.parquet`` atomically (one row per input sample, with its final
+on Spark (where the executors write the decisions and no step holds every row on the
+driver). Writes ``<work_dir>/decisions.parquet`` atomically (one row per input sample, with its final
 decision) and returns a ``FilterResult``.
 
     from data_pipeline.filter import FilterConfig, global_pass
@@ -13,7 +13,7 @@ decision) and returns a ``FilterResult``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -23,6 +23,7 @@ import pyarrow as pa
 from data_pipeline.filter import fsio
 from data_pipeline.filter.balance import BALANCE, BALANCE_NO_MATCH, balance_keep
 from data_pipeline.filter.config import FilterConfig
+from data_pipeline.filter.decisions_file import read_kept, write_decisions
 from data_pipeline.filter.neardup import near_duplicate_mask
 from data_pipeline.filter.shard_pass import KEPT, RECORD_SCHEMA, per_shard_path
 
@@ -33,10 +34,22 @@ NEAR_DUPLICATE = "filter/near_duplicate"
 
 @dataclass
 class FilterResult:
-    kept: pd.DataFrame  # one row per kept sample, sorted by (source_tar, key)
     counts: dict[str, int]  # {"filter/<reason>": n} for every rejection
     total_in: int
-    decisions_path: str = ""
+    decisions_path: str
+    _kept: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def kept(self) -> pd.DataFrame:
+        """One row per kept sample, sorted by (source_tar, key), without "decision"; read
+        from decisions.parquet on first use when the pass did not hold it (Spark)."""
+        if self._kept is None:
+            self._kept = read_kept(self.decisions_path)
+        return self._kept
+
+    @property
+    def n_kept(self) -> int:
+        return self.total_in - sum(self.counts.values())
 
 
 def _per_shard_files(work_dir: str, tars: list[str] | None) -> list[str]:
@@ -133,12 +146,10 @@ def check_unique_keys(df: pd.DataFrame) -> None:
 def finish(df: pd.DataFrame, work_dir: str) -> FilterResult:
     """Write decisions.parquet (df sorted by (source_tar, key), decided) and summarise."""
     out = fsio.join(work_dir, "decisions.parquet")
-    fsio.write_parquet_atomic(pa.Table.from_pandas(df, schema=RECORD_SCHEMA, preserve_index=False), out)
-
-    counts = {str(k): int(v) for k, v in df.loc[df["decision"] != KEPT, "decision"].value_counts().sort_index().items()}
+    counts, total = write_decisions([pa.Table.from_pandas(df, schema=RECORD_SCHEMA, preserve_index=False)], out)
     kept = df.loc[df["decision"] == KEPT].drop(columns=["decision"]).reset_index(drop=True)
     kept["balance_entries"] = kept["balance_entries"].map(list)  # numpy arrays -> plain lists
-    return FilterResult(kept=kept, counts=counts, total_in=len(df), decisions_path=out)
+    return FilterResult(counts=counts, total_in=total, decisions_path=out, _kept=kept)
 
 
 def global_pass(work_dir: str, cfg: FilterConfig, tars: list[str] | None = None) -> FilterResult:
@@ -146,9 +157,11 @@ def global_pass(work_dir: str, cfg: FilterConfig, tars: list[str] | None = None)
     process or on Spark (``cfg.global_pass.engine``)."""
     files = _per_shard_files(work_dir, tars)
     if files and choose_engine(cfg, files) == "spark":
-        from data_pipeline.filter.global_spark import decide_spark
+        from data_pipeline.filter.global_spark import write_decisions_spark
 
-        return finish(decide_spark(files, cfg), work_dir)
+        out = fsio.join(work_dir, "decisions.parquet")
+        counts, total = write_decisions_spark(files, cfg, out)
+        return FilterResult(counts=counts, total_in=total, decisions_path=out)
     tables = [fsio.read_parquet(p).cast(RECORD_SCHEMA) for p in files]
     table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
     df = table.to_pandas()

@@ -5,22 +5,24 @@ which is code-point order, as pandas sorts). Steps, each over the rows still ali
 
 - exact duplicates (image SHA-256, then (url, caption)): ``row_number()`` over a window per
   value, ordered by (source_tar, key); every row after the first is a duplicate;
-- near-duplicates: distinct hash values with their first occurrence; each value split into
-  d + 1 bands (a pair within Hamming distance d agrees exactly on at least one band, by
-  pigeonhole: multi-index hashing, Norouzi et al., CVPR 2012); a self-join on
-  (band, band value) gives the candidates, ``bit_count(a ^ b) <= d`` the pairs. The
-  greedy "removed when within d of an earlier *kept* hash" is sequential: the pairs (as
-  many as there are near-duplicates, not rows) go to the driver, which resolves them in
-  order as the local path does;
+- near-duplicates: distinct hash values with their first occurrence; the local path's
+  multi-index scheme (``_near_pairs``: m bands by ``neardup.choose_bands``, flip patterns
+  of <= d // m bits by ``explode``, a sort-merge equi-join on (band, band value), then
+  ``bit_count(a ^ b) <= d``); only 8-byte values go through that join. The greedy
+  "removed when within d of an earlier *kept* hash" is sequential: the close pairs (as many
+  as there are near-duplicates, not rows) go to the driver, which resolves them in order as
+  the local path does (at ~300 B a pair, the one driver-side cost left: ~6 GB for 20M pairs);
 - MetaCLIP balancing: entry counts by ``explode`` + ``groupBy``, the same per-(sample,
   entry) draw (``balance.draw``) in a pandas UDF, kept if any entry keeps it.
 
-The decided table is collected, sorted, to the driver, which writes decisions.parquet with
-the local path's writer (so both engines give the same bytes); at cluster scale that file
-is the one step still bounded by the driver's memory (about 1 KB a row for the pandas frame).
+The executors write the decided rows, sorted, as parquet parts; the driver streams them in
+order into decisions.parquet through the writer the local path uses (``decisions_file``:
+fixed row groups, so both engines give the same bytes), holding one row group at a time.
+Everything is Spark SQL except the balancing draw (blake2b, a pandas UDF, run only for the
+samples of entries over the cap) and the eval-overlap test (a pandas UDF, when configured).
 
-    from data_pipeline.filter.global_spark import decide_spark
-    df = decide_spark(per_shard_parquet_files, FilterConfig())     # pandas, sorted, decided
+    from data_pipeline.filter.global_spark import write_decisions_spark
+    counts, rows = write_decisions_spark(per_shard_parquet_files, FilterConfig(), "work/decisions.parquet")
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def _mark(df, hit, reason: str):
     from pyspark.sql import functions as F
 
     df = df.withColumn("decision", F.when(F.col("_alive") & hit, F.lit(reason)).otherwise(F.col("decision")))
-    return df.withColumn("_alive", F.col("decision") == KEPT).localCheckpoint()
+    return df.withColumn("_alive", F.col("decision") == KEPT)
 
 
 def _first_wins(df, key, reason: str, only=None):
@@ -90,16 +92,7 @@ def _near_duplicates(spark, df, d: int):
     distinct = alive.groupBy("_v").agg(F.min(F.struct(*_ORDER)).alias("_first")).localCheckpoint()
     gone: set[tuple[str, str]] = set()
     if d > 0:
-        bands = None
-        for b, (shift, width) in enumerate(_band_bounds(d + 1)):
-            band = distinct.select("_v", "_first", F.lit(b).alias("_b"),
-                                   F.shiftrightunsigned("_v", shift).bitwiseAND(F.lit((1 << width) - 1)).alias("_bv"))
-            bands = band if bands is None else bands.unionByName(band)
-        x, y = bands.alias("x"), bands.alias("y")
-        pairs = (x.join(y, (F.col("x._b") == F.col("y._b")) & (F.col("x._bv") == F.col("y._bv")))
-                 .filter(F.col("x._first") < F.col("y._first"))
-                 .filter(F.bit_count(F.col("x._v").bitwiseXOR(F.col("y._v"))) <= d)
-                 .select(F.col("x._first").alias("a"), F.col("y._first").alias("b")).distinct())
+        pairs = _near_pairs(distinct, d, distinct.count())
         # Greedy in order of the later occurrence: its earlier partners are all decided.
         rows = sorted(((tuple(r.b), tuple(r.a)) for r in pairs.toLocalIterator()))
         i = 0
@@ -122,6 +115,47 @@ def _near_duplicates(spark, df, d: int):
     return _mark(df, F.coalesce(F.col("_near"), F.lit(False)), NEAR_DUPLICATE).drop("_near")
 
 
+def _near_pairs(distinct, d: int, n: int):
+    """(a, b): first occurrences of two distinct hash values within distance d, a < b.
+
+    The local path's multi-index scheme (``neardup.near_pairs``), in Spark SQL: m bands
+    chosen by ``choose_bands`` for the pool size; a pair within d differs in at most
+    r = d // m bits of some band, so each value looks up its band value XOR every pattern
+    of <= r bits (an ``explode``, then an equi-join on (band, band value)). With m = d + 1
+    bands of ~13 bits (r = 0) a million values would make ~60M candidate pairs per band;
+    three 21-bit bands with one flip make ~1M.
+    """
+    from pyspark.sql import functions as F
+
+    from data_pipeline.filter.neardup import _flip_patterns, choose_bands
+
+    m = choose_bands(max(n, 2), d)
+    r = d // m
+    values = distinct.select("_v")
+    index = query = None
+    for b, (shift, width) in enumerate(_band_bounds(m)):
+        # Only the 8-byte values travel through the explode and the join's shuffle; the
+        # first occurrences (two strings) join back onto the few close pairs at the end.
+        bv = F.shiftrightunsigned("_v", shift).bitwiseAND(F.lit((1 << width) - 1))
+        i = values.select("_v", F.lit(b).alias("_b"), bv.alias("_bv"))
+        pats = F.array(*[F.lit(p).cast("long") for p in _flip_patterns(width, r)])
+        q = values.select("_v", F.lit(b).alias("_b"), F.explode(pats).alias("_p"), bv.alias("_bv0"))
+        q = q.select("_v", "_b", F.col("_bv0").bitwiseXOR(F.col("_p")).alias("_bv"))
+        index = i if index is None else index.unionByName(i)
+        query = q if query is None else query.unionByName(q)
+    # A sort-merge join: both sides are ~m * n rows, never something to broadcast (Spark's
+    # size estimate of the checkpointed input can be small enough to try, and run out of memory).
+    x, y = query.alias("x"), index.hint("merge").alias("y")
+    close = (x.join(y, (F.col("x._b") == F.col("y._b")) & (F.col("x._bv") == F.col("y._bv")))
+             .filter(F.col("x._v") < F.col("y._v"))
+             .filter(F.bit_count(F.col("x._v").bitwiseXOR(F.col("y._v"))) <= d)
+             .select(F.col("x._v").alias("_v1"), F.col("y._v").alias("_v2")).distinct())
+    f1 = distinct.select(F.col("_v").alias("_v1"), F.col("_first").alias("_f1"))
+    f2 = distinct.select(F.col("_v").alias("_v2"), F.col("_first").alias("_f2"))
+    pairs = close.join(f1, "_v1").join(f2, "_v2")
+    return pairs.select(F.least("_f1", "_f2").alias("a"), F.greatest("_f1", "_f2").alias("b"))
+
+
 def _balance(df, cfg: FilterConfig):
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
@@ -137,8 +171,12 @@ def _balance(df, cfg: FilterConfig):
     ex = alive.select(*_ORDER, "sha256", "url", F.explode(F.array_distinct("balance_entries")).alias("_e"))
     counts = ex.groupBy("_e").agg(F.count(F.lit(1)).alias("_c"))
     t = float(b.max_per_entry)
-    keep_e = (F.col("_c") <= F.lit(b.max_per_entry)) | (draw_udf("sha256", "url", "_e") < F.lit(t) / F.col("_c"))
-    kept = ex.join(counts, "_e").groupBy(*_ORDER).agg(F.max(keep_e.cast("int")).alias("_k"))
+    joined = ex.join(counts, "_e")
+    # The draw (Python) only where it decides: entries under the cap keep every sample.
+    under = joined.filter(F.col("_c") <= F.lit(b.max_per_entry)).select(*_ORDER, F.lit(1).alias("_ke"))
+    over = joined.filter(F.col("_c") > F.lit(b.max_per_entry)).select(
+        *_ORDER, (draw_udf("sha256", "url", "_e") < F.lit(t) / F.col("_c")).cast("int").alias("_ke"))
+    kept = under.unionByName(over).groupBy(*_ORDER).agg(F.max("_ke").alias("_k"))
     df = df.join(kept, _ORDER, "left")
     empty = F.coalesce(F.size("balance_entries"), F.lit(0)) <= 0
     keep = F.when(empty, F.lit(b.keep_unmatched)).otherwise(F.coalesce(F.col("_k"), F.lit(0)) == 1)
@@ -167,9 +205,9 @@ def _eval_overlap(df, cfg: FilterConfig):
     return _mark(df, F.coalesce(hit(F.col("phash")), F.lit(False)), EVAL_OVERLAP)
 
 
-def decide_spark(files: list[str], cfg: FilterConfig) -> pd.DataFrame:
-    """Read the per-shard record files, decide on Spark, return the full decided table
-    sorted by (source_tar, key) with RECORD_SCHEMA's columns."""
+def decide_spark_frame(files: list[str], cfg: FilterConfig):
+    """The decided Spark DataFrame (RECORD_SCHEMA's columns, unordered) of the per-shard
+    record files."""
     from pyspark.sql import functions as F
 
     spark = session(cfg)
@@ -187,9 +225,51 @@ def decide_spark(files: list[str], cfg: FilterConfig) -> pd.DataFrame:
         # Same key as the local path; samples without a url are not url-duplicates.
         key = F.concat(F.coalesce(F.col("url"), F.lit("")), F.lit("\x00"), F.col("caption"))
         df = _first_wins(df, key, DUPLICATE_URL_CAPTION, only=F.col("url").isNotNull())
+    if cfg.dedup.near_duplicates or cfg.balance.enabled:
+        # The steps below read this table twice (their own sub-query, then a join back):
+        # materialise it once on the executors instead of recomputing the windows.
+        df = df.localCheckpoint()
     if cfg.dedup.near_duplicates:
         df = _near_duplicates(spark, df, cfg.dedup.phash_distance)
     if cfg.balance.enabled:
         df = _balance(df, cfg)
-    out = df.select(*RECORD_SCHEMA.names).orderBy(*_ORDER).toPandas()
-    return out.reset_index(drop=True)
+    return df.select(*RECORD_SCHEMA.names)
+
+
+def write_decisions_spark(files: list[str], cfg: FilterConfig, out: str) -> tuple[dict[str, int], int]:
+    """Decide on Spark and write ``out`` (decisions.parquet); returns (counts, rows).
+
+    The executors write the decided rows, globally sorted by (source_tar, key), as parquet
+    parts beside ``out`` (``orderBy`` range-partitions, so part i holds keys below part
+    i + 1's); the driver then streams the parts in name order into the one file through
+    ``write_decisions``, one row group at a time, and removes them."""
+    import fsspec
+
+    from data_pipeline.filter.decisions_file import write_decisions
+
+    parts = out + ".parts"
+    decide_spark_frame(files, cfg).orderBy(*_ORDER).write.mode("overwrite").parquet(parts)
+    fs, root = fsspec.core.url_to_fs(parts)
+    names = sorted(p for p in fs.ls(root, detail=False)
+                   if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
+    last: list[tuple[str, str] | None] = [None]
+
+    def batches():
+        import pyarrow.parquet as pq
+
+        for name in names:
+            with fs.open(name, "rb") as f:
+                for b in pq.ParquetFile(f).iter_batches(batch_size=1 << 16):
+                    if b.num_rows == 0:
+                        continue
+                    first = (b.column("source_tar")[0].as_py(), b.column("key")[0].as_py())
+                    if last[0] is not None and first < last[0]:
+                        raise RuntimeError(f"Spark's sorted parts are out of order at {name}: {first} after {last[0]}")
+                    last[0] = (b.column("source_tar")[-1].as_py(), b.column("key")[-1].as_py())
+                    yield b
+
+    try:
+        return write_decisions(batches(), out)
+    finally:
+        fs.rm(root, recursive=True)
+

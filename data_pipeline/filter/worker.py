@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             with fsspec.open(args.tar_list, "rt", encoding="utf-8") as f:
                 tars = [line.strip() for line in f if line.strip()]
         res = global_pass(args.work_dir, cfg, tars)
-        print(json.dumps({"total_in": res.total_in, "kept": len(res.kept), "counts": res.counts}, indent=2))
+        print(json.dumps({"total_in": res.total_in, "kept": res.n_kept, "counts": res.counts}, indent=2))
     return 0
 
 

@@ -1,14 +1,17 @@
 """The demo's embedded default "web": real Fashion-MNIST photos behind a local URL list.
 
-Training images (never the test split) are upscaled from 28 px to RGB JPEGs, each paired
-with a generated natural-language caption (``captions.py``), plus realistic noise that
-the data build must cope with: mismatched captions, duplicate URLs, the same image under
-a second URL, links to missing files (404), truncated JPEGs and boilerplate/empty captions.
+Training images are upscaled from 28 px to RGB JPEGs, each paired with a generated
+natural-language caption (``captions.py``), plus realistic noise that the data build must
+cope with: mismatched captions, duplicate URLs, the same image under a second URL, links to
+missing files (404), truncated JPEGs, boilerplate/empty captions, and a few images of the
+test split (a web crawl holds copies of public evaluation sets), which the build's
+decontamination against ``write_eval_images``'s folder must drop.
 The files are served by ``data_pipeline.serve`` on 127.0.0.1; ``write_url_list`` writes
 the parquet URL list pointing at the server.
 
     web = build_web_files("demo_out/web", n_images=8000, image_px=224, seed=0)
     write_url_list(web, "http://127.0.0.1:PORT", "demo_out/urls.parquet")
+    write_eval_images("demo_out/eval_images")     # the test split, for filter.eval_overlap
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class NoiseRates:
     missing_file: float = 0.01
     truncated_jpeg: float = 0.01
     boilerplate_caption: float = 0.01
+    test_split_image: float = 0.005  # per training image: one of the test split, planted
 
 
 @dataclass
@@ -101,15 +105,36 @@ def build_web_files(root: str | Path, n_images: int, image_px: int = 224, seed: 
             counts["missing_file"] += 1
             web.rows.append({"path": f"img/missing_{i:06d}.jpg", "caption": caption_for(label, ds.classnames, rng),
                              "label": label, "noise": "missing_file"})
+    # Drawn apart from the loop's generator, so the rest of the web does not change with it.
+    test = default_fashion_like("test")
+    n_test = int(round(noise.test_split_image * n_images))
+    for j, idx in enumerate(np.random.default_rng(seed + 1).choice(len(test), n_test, replace=False)):
+        label = int(test.labels[idx])
+        rel = f"img/t{j:05d}.jpg"
+        (root / rel).write_bytes(_jpeg(test.images[idx], image_px))
+        web.rows.append({"path": rel, "caption": caption_for(label, ds.classnames, rng), "label": label,
+                         "noise": "test_split_image", "test_index": int(idx)})
+    counts["test_split_image"] = n_test
     web.noise_counts = counts
     (root / "web.json").write_text(json.dumps({"dataset": web.dataset, "classnames": web.classnames,
                                                "n_rows": len(web.rows), "noise": counts}, indent=2))
     return web
 
 
+def write_eval_images(folder: str | Path, split: str = "test") -> Path:
+    """Every image of the demo dataset's ``split`` as a 28 px grey PNG (as the dataset ships
+    it; ~1 KB and well under a millisecond to hash each), for ``filter.eval_overlap``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = default_fashion_like(split)
+    for i, img in enumerate(ds.images):
+        Image.fromarray(img, mode="L").save(folder / f"{i:05d}.png")
+    return folder
+
+
 def write_url_list(web: WebFiles, base_url: str, path: str | Path) -> Path:
     """A parquet URL list (url, caption, label, noise) pointing at ``base_url``."""
-    df = pd.DataFrame(web.rows)
+    df = pd.DataFrame(web.rows).drop(columns=["test_index"], errors="ignore")
     df.insert(0, "url", base_url.rstrip("/") + "/" + df.pop("path"))
     path = Path(path)
     df.to_parquet(path, index=False)
