@@ -10,7 +10,7 @@
    reached the training shards, plus a few-shot linear probe;
 5. prints a summary and the command that opens the MLflow dashboard.
 
-    python -m pretrain.demo [--out demo_out] [--images 8000] [--steps 600] [--verbose]
+    python -m pretrain.demo [--out demo_out] [--images 8000] [--steps 1200] [--verbose]
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python -m pretrain.demo   # log to a server
 
 Its output reads the same in a terminal and in a file: each stage's progress (a bar on a
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output directory (wiped unless --keep)")
     p.add_argument("--images", type=int, default=8000, help="training images served by the local web")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps (global batch 128)")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (global batch 128)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on a subset of the test split (0: all)")
     p.add_argument("--shots", default="1,2,4,8,16", help="few-shot k values")
     p.add_argument("--keep", action="store_true", help="reuse an existing --out (resumable stages)")
