@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Protocol
 
 from img2dataset import downloader as i2d_downloader
 from img2dataset.downloader import Downloader, compute_key
@@ -95,9 +95,11 @@ class CrawlDownloader(Downloader):
                 _run_child(self, row)
             child: _Child = _Forked(pid)
         else:
-            if not fsutil.exists(job):
-                with fsutil.atomic_open(job) as f:
-                    pickle.dump((self, row), f)
+            # Always written afresh by this process just before the child reads it: a job
+            # file found in the output directory (left by a crash, or put there by anyone who
+            # can write to it) is never the one unpickled.
+            with fsutil.atomic_open(job) as f:
+                pickle.dump((self, row), f)
             env = dict(os.environ)
             # The child must import this package wherever the worker found it (Ray executors).
             env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -167,12 +169,12 @@ class CrawlDownloader(Downloader):
         self.download_shard(row)
 
 
-class _Child:
-    def poll(self) -> int | None:
-        raise NotImplementedError
+class _Child(Protocol):
+    """A shard's crawl process, as the watchdog sees it."""
 
-    def kill(self) -> None:
-        raise NotImplementedError
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
 
 
 class _Exec(_Child):
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fs, path = fsutil.url_to_fs(args[0])
     with fs.open(path, "rb") as f:
-        downloader, row = pickle.load(f)  # written by this crawl's watchdog, never by a site
+        downloader, row = pickle.load(f)  # written afresh by this crawl's watchdog just before (above)
     downloader.run_shard(row)
     return 0
 
