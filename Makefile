@@ -16,9 +16,13 @@ setup:
 # The test suite also needs the peer virtualenv .venv-peer (the real open_clip and
 # clip_benchmark beside torchvision; ~4 min and ~6 GB once), which the demo does not: without
 # it the interop tests fail, saying so; SKIP_PEER=1 skips building it and them.
+# Two pytest-xdist workers: much of a test's wall time is process start-up, service start and
+# waiting on timeouts, not compute, so two overlap well even on two cores (each file on one
+# worker, slow files first: tests/conftest.py). TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
 test: setup
 	scripts/setup_peer.sh || echo "[setup] WARNING: .venv-peer did not build: tests/test_openclip_interop.py will fail (SKIP_PEER=1 skips it)" >&2
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m pretrain.demo $(DEMO_ARGS)

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/gpu_side_by_side.py                 # one GPU, < 8 min
     .venv/bin/python benchmarks/gpu_side_by_side.py --dry-run       # CPU: tiny models, checks the logic
-        [--batch 256] [--steps 10] [--warmup 3] [--models ViT-B-32,ViT-B-16,RN50]
+        [--batch 256,512] [--steps 10] [--warmup 3] [--models ViT-B-32,ViT-B-16,RN50]
         [--fast] [--override model.compile=blocks ...] [--no-compile] [--peak-tflops 989]
+        [--open-clip-python .venv-peer/bin/python] [--budget-s 480]
 
 Each row is one fresh child process per side (an OOM or allocator state never leaks):
 - ours: `gpu_bench.build_bench` (run config, DeepSpeed ZeRO-1 bf16 engine, `train_step`,
@@ -24,10 +25,14 @@ Each row is one fresh child process per side (an OOM or allocator state never le
   busy at the measured rate, the same per sample, and the cores per GPU the loader would
   need to feed the synthetic-input row's rate (CPU per sample x that rate).
 Printed: samples/s, MFU (3 x forward FLOPs counted by FlopCounterMode on each side's own
-model / peak), peak memory, and ours / open_clip. Where open_clip is not importable, its
-column says so and why (install: scripts/fetch_gpu_wheels.sh), and our side still runs.
-The dry run uses ViT-tiny / RN-tiny on our side and skips open_clip (it has no tiny models
-under the same names).
+model / peak), peak memory, and ours / open_clip, for each model at each per-GPU batch
+(256 and 512 by default; a batch that does not fit says OOM). Where open_clip is not
+importable by `--open-clip-python` (default: this interpreter), its column says so and why
+(install: scripts/fetch_gpu_wheels.sh), and our side still runs. Rows that would start after
+`--budget-s` seconds are listed as skipped, so a run fits its time slot.
+The dry run uses ViT-tiny / RN-tiny on both sides: open_clip builds them from the configs
+pretrain.modelio.openclip writes (the same architectures), in the peer virtualenv
+.venv-peer (scripts/setup_peer.sh) where it exists, fp32 and eager on CPU.
 """
 from __future__ import annotations
 
@@ -51,17 +56,34 @@ HEADERS = ["model", "batch", "ours samples/s", "ours MFU", "ours peak GiB", "ope
            "open_clip MFU", "open_clip peak GiB", "ours / open_clip"]
 
 
-def open_clip_missing() -> str | None:
-    """None when open_clip imports, else why not."""
+def open_clip_missing(python: str) -> str | None:
+    """None when `python` imports open_clip, else why not."""
+    import subprocess  # noqa: PLC0415
+
     try:
-        import open_clip  # noqa: F401, PLC0415
-    except ImportError as e:
-        return f"open_clip not importable ({e}); run scripts/fetch_gpu_wheels.sh and install the wheels"
+        out = subprocess.run([python, "-c", "import open_clip"], capture_output=True, text=True, timeout=300)
+    except OSError as e:
+        return f"{python} does not run ({e})"
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        return f"open_clip not importable by {python} ({last}); run scripts/fetch_gpu_wheels.sh and install the wheels"
     return None
 
 
+def write_dry_open_clip_configs(out_dir: Path) -> Path:
+    """open_clip model configs of our tiny models (pretrain.modelio.openclip), one JSON each."""
+    from pretrain.models.configs import MODEL_CONFIGS  # noqa: PLC0415
+    from pretrain.modelio.openclip import write_open_clip_config  # noqa: PLC0415
+
+    cfg_dir = out_dir / "open_clip_configs"
+    for ours in DRY_OURS.values():
+        write_open_clip_config(MODEL_CONFIGS[ours], cfg_dir / f"{ours}.json")
+    return cfg_dir
+
+
 def child_open_clip(spec: dict[str, Any]) -> dict[str, Any]:
-    """open_clip's training step in this process (see the module docstring)."""
+    """open_clip's training step in this process (see the module docstring); runs in any
+    environment with open_clip and torch (nothing of this project is imported)."""
     import time  # noqa: PLC0415
 
     import open_clip  # noqa: PLC0415
@@ -69,42 +91,55 @@ def child_open_clip(spec: dict[str, Any]) -> dict[str, Any]:
     from open_clip.loss import ClipLoss  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
-    device = torch.device("cuda")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = True
-    model = open_clip.create_model(spec["model"], precision="fp32", device=device)
+    if spec.get("config_dir"):
+        open_clip.add_model_config(spec["config_dir"])
+    model = open_clip.create_model(spec["model"], precision="fp32", device=device, output_dict=True)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     n = spec["batch"]
-    images = torch.randn(n, 3, image_size, image_size, device=device)
-    tokens = torch.randint(1, 49406, (n, 77), device=device)
-    tokens[:, -1] = 49407
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(images[:2], tokens[:2])
-    fwd_flops = counter.get_total_flops() / 2
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2, fused=True)
-    loss_fn = ClipLoss()
-    run = torch.compile(model) if spec["compile"] else model
+    try:
+        images = torch.randn(n, 3, image_size, image_size, device=device)
+        tokens = torch.randint(1, model.vocab_size - 1, (n, model.context_length), device=device)
+        tokens[:, -1] = model.vocab_size - 1  # the end-of-text id, as the argmax pooling expects
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(images[:2], tokens[:2])
+        fwd_flops = counter.get_total_flops() / 2
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2, fused=True)
+        loss_fn = ClipLoss()
+        run = torch.compile(model) if spec["compile"] else model
+        # bf16 autocast as open_clip_train's `--precision amp_bf16`; fp32 on CPU (the dry run)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
 
-    def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = run(images, tokens)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
-        opt.step()
-        return loss
+        def step() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                out = run(images, tokens)
+                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            loss.backward()
+            opt.step()
+            return loss
 
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(spec["warmup"]):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(spec["steps"]):
-        step()
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return {"samples_per_s": spec["steps"] * n / elapsed, "fwd_flops_per_sample": fwd_flops,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        def sync() -> None:
+            if cuda:
+                torch.cuda.synchronize()
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(spec["warmup"]):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(spec["steps"]):
+            loss = step()
+        sync()
+        elapsed = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        return {"fits": False}
+    return {"fits": True, "samples_per_s": spec["steps"] * n / elapsed, "fwd_flops_per_sample": fwd_flops,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "loss": float(loss)}
 
 
 def write_jpeg_shards(root: Path, n_shards: int, per_shard: int, image_px: int, seed: int = 0) -> str:
@@ -220,8 +255,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return child_run(spec)
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
-    return run_child([sys.executable, __file__, "--child", json.dumps(spec)], timeout=900)
+def run(spec: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None) -> dict[str, Any]:
+    return run_child([python, __file__, "--child", json.dumps(spec)], timeout=900, env=env)
+
+
+def fmt_gib(r: dict[str, Any]) -> str:
+    return f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
 
 
 def fmt_mfu(r: dict[str, Any], peak: float | None) -> str:
@@ -233,14 +272,18 @@ def fmt_mfu(r: dict[str, Any], peak: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--batch", type=int, default=None, help="per-GPU batch (default 256; dry 8)")
+    ap.add_argument("--batch", default=None, help="per-GPU batches, comma-separated (default 256,512; dry 8)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; dry 1)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; dry 1)")
     ap.add_argument("--models", default=None, help="open_clip names, comma-separated (default ViT-B-32,ViT-B-16,RN50)")
     ap.add_argument("--fast", action="store_true", help="our trainer-step speed switches on")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="run-config override for our side (repeatable), e.g. model.compile=blocks")
-    ap.add_argument("--no-compile", action="store_true", help="open_clip without torch.compile")
+    ap.add_argument("--no-compile", action="store_true", help="open_clip without torch.compile (the dry run: always)")
+    ap.add_argument("--open-clip-python", default=None,
+                    help="interpreter for open_clip's side (default: this one; dry run: .venv-peer's where it exists)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no row after this many seconds (default 480; dry: none)")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--e2e-workers", type=int, default=None, help="loader workers of the end-to-end row "
                     "(default 8; dry 1); 0 skips the row")
@@ -252,66 +295,86 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
 
+    import time  # noqa: PLC0415
+
     import torch  # noqa: PLC0415
 
     from gpu_bench import peak_flops  # noqa: PLC0415
     from profile_step import FAST_OVERRIDES  # noqa: PLC0415
 
+    t_start = time.monotonic()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU, or pass --dry-run to check the script on CPU")
-    batch = args.batch or (8 if dry else 256)
+    batches = [int(b) for b in (args.batch or ("8" if dry else "256,512")).split(",")]
     steps, warmup = args.steps or (1 if dry else 10), args.warmup or (1 if dry else 3)
+    budget = args.budget_s if args.budget_s is not None else (None if dry else 480.0)
     names = args.models.split(",") if args.models else (list(DRY_OURS) if dry else list(OURS))
     table = DRY_OURS if dry else OURS
     overrides = (FAST_OVERRIDES if args.fast else []) + [o.removeprefix("--") for o in args.override]
-    missing = "dry run: open_clip has no tiny models" if dry else open_clip_missing()
+    peer = Path(__file__).resolve().parents[1] / ".venv-peer" / "bin" / "python"
+    oc_python = args.open_clip_python or (str(peer) if dry and peer.is_file() else sys.executable)
+    # the peer environment is open_clip's alone: nothing of this project on its path, no hub
+    oc_env = {"PYTHONPATH": "", "HF_HUB_OFFLINE": "1"} if oc_python != sys.executable else None
+    missing = open_clip_missing(oc_python)
+    compile_oc = not (args.no_compile or dry)
+    cfg_dir = write_dry_open_clip_configs(Path(args.out_dir)) if dry and not missing else None
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak_flops(args, device_name)
     print(machine_line("cuda" if not dry else "cpu") + (" (DRY RUN: tiny models)" if dry else ""))
-    print(f"# batch {batch}, bf16{' (fp32 on CPU)' if dry else ''}, {warmup} warm-up + {steps} timed steps; "
-          f"our overrides: {' '.join(overrides) or 'none'}; open_clip: "
-          f"{missing or ('torch.compile' if not args.no_compile else 'eager')}")
-    rows, e2e_rows = [], []
+    print(f"# batches {','.join(map(str, batches))}, bf16{' (fp32 on CPU)' if dry else ''}, {warmup} warm-up + "
+          f"{steps} timed steps; our overrides: {' '.join(overrides) or 'none'}; open_clip: "
+          f"{missing or (('torch.compile' if compile_oc else 'eager') + f' ({oc_python})')}")
+    rows, e2e_rows, skipped = [], [], []
     e2e_workers = args.e2e_workers if args.e2e_workers is not None else (1 if dry else 8)
     for name in names:
-        ours_name = table.get(name)
-        if ours_name is None:
+        if name not in table:
             sys.exit(f"unknown model {name!r}; known: {sorted(table)}")
-        spec = {"side": "ours", "model": ours_name, "ckpt": False, "precision": "fp32" if dry else "bf16",
-                "micro_batch": batch, "global_batch": batch, "steps": steps, "warmup": warmup,
-                "out_dir": args.out_dir, "extra": [f"--{o}" for o in overrides]}
-        if name == names[0]:  # a bad --override fails here, before any child builds an engine
-            from gpu_bench import bench_config  # noqa: PLC0415
-            try:
-                bench_config(spec)
-            except (ValueError, SystemExit) as e:
-                sys.exit(f"bad --override: {e}")
-        ours = run(spec)
-        row = [name, batch]
-        if not ours.get("fits", True):
-            row += ["OOM", "-", "-"]
-        else:
-            row += [f"{ours['samples_per_s']:.1f}", fmt_mfu(ours, peak),
-                    f"{ours['peak_gib']:.1f}" if ours.get("peak_gib") else "-"]
-        if missing:
-            row += ["skipped", "-", "-", "-"]
-        else:
-            theirs = run({"side": "open_clip", "model": name, "batch": batch, "steps": steps, "warmup": warmup,
-                          "compile": not args.no_compile})
-            ratio = f"{ours['samples_per_s'] / theirs['samples_per_s']:.2f}x" if ours.get("fits", True) else "-"
-            row += [f"{theirs['samples_per_s']:.1f}", fmt_mfu(theirs, peak), f"{theirs['peak_gib']:.1f}", ratio]
-        rows.append(row)
-        print(md_table(HEADERS, [row]).splitlines()[-1], flush=True)
-        if e2e_workers > 0:
-            e2e = run({**spec, "side": "e2e", "workers": e2e_workers, "image_px": args.e2e_image_px or (48 if dry else 256),
-                       "max_images": 64 if dry else 2048, "steps": max(steps, 6 if dry else 30),
-                       "warmup": max(warmup, 2 if dry else 5)})
-            feed = (f"{ours['samples_per_s'] * e2e['cpu_s_per_sample']:.3f}" if ours.get("fits", True) else "-")
-            e2e_row = [name, batch, e2e_workers, f"{e2e['samples_per_s']:.1f}", f"{e2e['data_wait_frac']:.3f}",
-                       f"{e2e['loader_cores']:.3f}", f"{1000 * e2e['cpu_s_per_sample']:.3f}", feed]
-            e2e_rows.append(e2e_row)
-            print("e2e " + md_table(E2E_HEADERS, [e2e_row]).splitlines()[-1], flush=True)
+    for name in names:
+        ours_name = table[name]
+        for batch in batches:
+            if budget is not None and time.monotonic() - t_start > budget:
+                skipped.append(f"{name} batch {batch}")
+                continue
+            spec = {"side": "ours", "model": ours_name, "ckpt": False, "precision": "fp32" if dry else "bf16",
+                    "micro_batch": batch, "global_batch": batch, "steps": steps, "warmup": warmup,
+                    "out_dir": args.out_dir, "extra": [f"--{o}" for o in overrides]}
+            if not rows:  # a bad --override fails here, before any child builds an engine
+                from gpu_bench import bench_config  # noqa: PLC0415
+                try:
+                    bench_config(spec)
+                except (ValueError, SystemExit) as e:
+                    sys.exit(f"bad --override: {e}")
+            ours = run(spec)
+            fits = ours.get("fits", True)
+            row = [name, batch] + ([f"{ours['samples_per_s']:.1f}", fmt_mfu(ours, peak), fmt_gib(ours)]
+                                   if fits else ["OOM", "-", "-"])
+            if missing:
+                row += ["skipped", "-", "-", "-"]
+            else:
+                theirs = run({"side": "open_clip", "model": ours_name if dry else name, "batch": batch,
+                              "steps": steps, "warmup": warmup, "compile": compile_oc,
+                              "config_dir": str(cfg_dir) if cfg_dir else None}, python=oc_python, env=oc_env)
+                if not theirs.get("fits", True):
+                    row += ["OOM", "-", "-", "-"]
+                else:
+                    ratio = f"{ours['samples_per_s'] / theirs['samples_per_s']:.2f}x" if fits else "-"
+                    row += [f"{theirs['samples_per_s']:.1f}", fmt_mfu(theirs, peak), fmt_gib(theirs), ratio]
+                    if fits:  # the same architecture on both sides: the same forward FLOPs
+                        print(f"# {name}: forward GFLOP/sample ours {ours['fwd_flops_per_sample'] / 1e9:.4f}, "
+                              f"open_clip {theirs['fwd_flops_per_sample'] / 1e9:.4f}", flush=True)
+            rows.append(row)
+            print(md_table(HEADERS, [row]).splitlines()[-1], flush=True)
+            if e2e_workers > 0 and batch == batches[0]:  # the loader's rate hardly depends on the batch
+                e2e = run({**spec, "side": "e2e", "workers": e2e_workers,
+                           "image_px": args.e2e_image_px or (48 if dry else 256),
+                           "max_images": 64 if dry else 2048, "steps": max(steps, 6 if dry else 30),
+                           "warmup": max(warmup, 2 if dry else 5)})
+                feed = f"{ours['samples_per_s'] * e2e['cpu_s_per_sample']:.3f}" if fits else "-"
+                e2e_row = [name, batch, e2e_workers, f"{e2e['samples_per_s']:.1f}", f"{e2e['data_wait_frac']:.3f}",
+                           f"{e2e['loader_cores']:.3f}", f"{1000 * e2e['cpu_s_per_sample']:.3f}", feed]
+                e2e_rows.append(e2e_row)
+                print("e2e " + md_table(E2E_HEADERS, [e2e_row]).splitlines()[-1], flush=True)
     print()
     print(md_table(HEADERS, rows))
     if e2e_rows:
@@ -319,6 +382,8 @@ def main() -> None:
         print(md_table(E2E_HEADERS, e2e_rows))
     if missing:
         print(f"\nopen_clip side skipped: {missing}")
+    if skipped:
+        print(f"\nnot run (past the {budget:.0f} s budget): {', '.join(skipped)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,21 +42,67 @@ SHM_GLOB = "deepspeed_allreduce_buffer_*"
 _SHM_AT_START = {p.name for p in SHM_DIR.glob(SHM_GLOB)} if SHM_DIR.is_dir() else set()
 
 
+def _mapped_shm_names() -> set[str]:
+    """Names under /dev/shm that some live process maps (read from /proc/*/maps)."""
+    names: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text(errors="replace")
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        names.update(line.rsplit("/", 1)[-1].removesuffix(" (deleted)")
+                     for line in text.splitlines() if f"{SHM_DIR}/" in line)
+    return names
+
+
 @pytest.fixture(autouse=True)
 def _no_deepspeed_shm_left():
     """Safety net: DeepSpeed never unlinks its CPU all-reduce workspaces (66 MB of RAM per rank
     in /dev/shm). The trainer unlinks its own (pretrain/train/distributed.py); whatever a
-    killed or hand-made process group of a test leaves is removed after that test, when none
-    of its processes can still be mapping it."""
+    killed or hand-made process group of a test leaves is removed after that test. Tests run
+    in parallel (pytest-xdist), so a workspace that a live process maps, or one created in the
+    last seconds (a rank opens its peers' by name, in the window before it maps them), belongs
+    to a test still running and stays."""
     yield
-    if SHM_DIR.is_dir():
-        for p in SHM_DIR.glob(SHM_GLOB):
-            if p.name not in _SHM_AT_START:
-                p.unlink(missing_ok=True)
+    if not SHM_DIR.is_dir():
+        return
+    left = [p for p in SHM_DIR.glob(SHM_GLOB) if p.name not in _SHM_AT_START]
+    if not left:
+        return
+    mapped, now = _mapped_shm_names(), time.time()
+    for p in left:
+        try:
+            young = now - p.stat().st_mtime < 30
+        except FileNotFoundError:
+            continue
+        if p.name not in mapped and not young:
+            p.unlink(missing_ok=True)
+
+
+# The env:// launch layout. A test that starts a process group in the pytest process (through
+# pretrain.train.distributed.detect_env) exports these; restored after every test so that the
+# next in-process group on the same worker never inherits another test's rank and world size.
+_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCH_AT_START = {k: os.environ.get(k) for k in _LAUNCH_VARS}
+
+
+@pytest.fixture(autouse=True)
+def _launch_env_restored():
+    yield
+    for k, v in _LAUNCH_AT_START.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip cleanly on machines without CUDA."""
+    """Files with slow tests first: under pytest-xdist (`make test` runs `-n 2 --dist
+    loadfile`: each file on one worker, so its module fixtures are built once) the workers
+    then finish together rather than one waiting on a long file sent last. GPU tests skip
+    cleanly on machines without CUDA."""
+    slow_files = {Path(str(i.fspath)).name for i in items if "slow" in i.keywords}
+    items.sort(key=lambda i: Path(str(i.fspath)).name not in slow_files)  # stable: file order kept
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

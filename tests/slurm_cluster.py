@@ -22,6 +22,7 @@ CI sets CLIP_SLURM_REQUIRED=1 to turn those skips into failures.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -39,6 +40,7 @@ NODES = ("n1", "n2")
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "munged")
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 HOSTS_FILE = Path("/etc/hosts")
+HOSTS_LOCK = Path(tempfile.gettempdir()) / "clip-slurm-test-hosts.lock"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 
@@ -99,6 +101,18 @@ MinJobAge=900
 {nodes}
 PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
+
+
+@contextlib.contextmanager
+def _hosts_lock() -> Iterator[None]:
+    """Two clusters may start at once (pytest-xdist workers): their read-modify-write edits of
+    /etc/hosts take turns, so neither drops the other's line."""
+    with open(HOSTS_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class SlurmCluster:
@@ -249,13 +263,14 @@ class SlurmCluster:
                         f"--seed-file={self.root}/munged.seed"], check=True, capture_output=True, timeout=30)
 
     def _add_hosts(self) -> None:
-        text = HOSTS_FILE.read_text()
-        # in place (not a rename): /etc/hosts is often a bind mount in containers
-        with HOSTS_FILE.open("a") as f:
-            f.write(("" if text.endswith("\n") else "\n") + f"127.0.0.1 {' '.join(NODES)} {self._hosts_tag}\n")
+        with _hosts_lock():
+            text = HOSTS_FILE.read_text()
+            # in place (not a rename): /etc/hosts is often a bind mount in containers
+            with HOSTS_FILE.open("a") as f:
+                f.write(("" if text.endswith("\n") else "\n") + f"127.0.0.1 {' '.join(NODES)} {self._hosts_tag}\n")
 
     def _remove_hosts(self) -> None:
-        with contextlib.suppress(OSError):
+        with _hosts_lock(), contextlib.suppress(OSError):
             lines = HOSTS_FILE.read_text().splitlines(keepends=True)
             kept = [line for line in lines if self._hosts_tag not in line]
             if kept != lines:

@@ -5,9 +5,11 @@ One trainer process (what srun starts per task: its exit code is the task's) wit
 workers reads its shards from a loopback HTTP server through presigned-looking URLs
 (`...tar?X-Amz-Credential=...&X-Amz-Signature=...`) and tracks to a real `mlflow server` on
 127.0.0.1 addressed with userinfo (`http://user:password@127.0.0.1:PORT`). Mid-run the
-tracking server is SIGKILLed; then the whole process group gets SIGUSR1 (exit 0, the batch
-script requeues) or SIGTERM (exit 143). The run saves its checkpoint, logs the preemption
+tracking server is SIGKILLed; then the whole process group gets SIGTERM (what Slurm's
+preemption and time limit send; exit 143). The run saves its checkpoint, logs the preemption
 line, exits with that code; with the server still down, the next start resumes and finishes.
+(SIGUSR1, the batch scripts' warning signal, ends in the same preemption path with exit 0:
+tests/test_preempt_signal.py and tests/test_slurm_jobs.py check that code.)
 
 Run: `.venv/bin/python -m pytest -q tests/test_preempt_tracking_down.py`
 """
@@ -30,7 +32,7 @@ from train_driver import REPO, _env, finish, metrics, tiny_overrides
 
 from data_pipeline.serve import ImageServer
 from pretrain.train.distributed import free_port
-from pretrain.train.preempt import EXIT_PREEMPTED_TERM, EXIT_PREEMPTED_USR1
+from pretrain.train.preempt import EXIT_PREEMPTED_TERM
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 STEPS = 12
@@ -42,9 +44,8 @@ def _start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGUSR1, EXIT_PREEMPTED_USR1), (signal.SIGTERM, EXIT_PREEMPTED_TERM)],
-                         ids=["usr1", "term"])
-def test_preempted_run_with_the_tracking_server_down(tmp_path, sig, code):
+def test_preempted_run_with_the_tracking_server_down(tmp_path):
+    sig, code = signal.SIGTERM, EXIT_PREEMPTED_TERM
     shards = make_caption_shards(tmp_path / "data" / "train", n_shards=4, per_shard=48, image_px=32)
     server = MlflowServer(tmp_path / "mlflow", free_port())
     server.root.mkdir()
@@ -73,12 +74,12 @@ def test_preempted_run_with_the_tracking_server_down(tmp_path, sig, code):
             assert (tag / "COMPLETE").is_file()
             assert "mlflow: log_batch failed" in first.output or "mlflow: log_artifact failed" in first.output
             _assert_clean(first.output, "the trainer's output")
-            if sig == signal.SIGUSR1:  # the requeued attempt, server still down: resumes, finishes
-                second = finish(_start(run_dir, overrides), run_dir, time.monotonic(), 240)
-                assert second.rc == 0, second.output[-4000:]
-                assert f"resumed from {tag}" in second.output and "mlflow: start failed" in second.output
-                assert max(metrics(run_dir)) == STEPS
-                _assert_clean(second.output, "the resumed trainer's output")
+            # the requeued attempt, server still down: resumes, finishes
+            second = finish(_start(run_dir, overrides), run_dir, time.monotonic(), 240)
+            assert second.rc == 0, second.output[-4000:]
+            assert f"resumed from {tag}" in second.output and "mlflow: start failed" in second.output
+            assert max(metrics(run_dir)) == STEPS
+            _assert_clean(second.output, "the resumed trainer's output")
     finally:
         server.kill()
     # What reached the tracking store before it died: no credential in params or artifacts.

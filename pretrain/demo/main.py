@@ -111,10 +111,19 @@ def build_data(out: Path, n_images: int, noise: NoiseRates | None = None) -> tup
     return out / "data" / "manifest.json", manifest
 
 
-def train(out: Path, manifest_path: Path, n_kept: int, steps: int, eval_dataset: str) -> Path:
-    cfg = yaml.safe_load((HERE / "demo.yaml").read_text())
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) else v
+    return base
+
+
+def train(out: Path, manifest_path: Path, n_kept: int, steps: int, eval_dataset: str,
+          run_config: dict | None = None, run_name: str = "run") -> Path:
+    """Train on the built shards into OUT/RUN_NAME; `run_config` (nested, e.g.
+    {"model": {"patch_dropout": 0.5}}) is merged over demo.yaml (benchmarks/flip_demo_cost.py)."""
+    cfg = _merge(yaml.safe_load((HERE / "demo.yaml").read_text()), run_config or {})
     gb = cfg["train"]["global_batch"]
-    cfg["output_dir"] = str(out / "run")
+    cfg["output_dir"] = str(out / run_name)
     cfg["data"]["sources"] = [{"url": str(manifest_path), "weight": 1.0}]
     # epochs over the kept samples, enough of them to reach the requested step count
     cfg["data"]["samples_per_epoch"] = max(gb, (n_kept // gb) * gb)
@@ -125,7 +134,7 @@ def train(out: Path, manifest_path: Path, n_kept: int, steps: int, eval_dataset:
     cfg["checkpoint"]["every_steps"] = min(cfg["checkpoint"]["every_steps"], steps)
     cfg["logging"]["every_steps"] = max(1, min(cfg["logging"]["every_steps"], steps // 10))  # >= 10 points
     cfg["logging"]["console"] = "every" if verbose() else "paced"
-    cfg_path = out / "demo_run.yaml"
+    cfg_path = out / ("demo_run.yaml" if run_name == "run" else f"demo_{run_name}.yaml")
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     # a free port rather than the launcher's fixed 29500, which another job on this machine may hold;
     # the launcher's own info lines and its "no hostfile" warning (a one-machine run has none) only
@@ -134,23 +143,26 @@ def train(out: Path, manifest_path: Path, n_kept: int, steps: int, eval_dataset:
           *([] if verbose() else ["--log_level", "error"]),
           str(REPO / "pretrain" / "run.py"), "--config", str(cfg_path)],
          env={"OMP_NUM_THREADS": "1"})
-    return out / "run"
+    return out / run_name
 
 
-def evaluate(out: Path, run_dir: Path, dataset: str, limit: int, shots: str) -> dict:
+def evaluate(out: Path, run_dir: Path, dataset: str, limit: int, shots: str | None) -> dict:
+    """Zero-shot, and the few-shot probe unless `shots` is None, into OUT/eval/TASK."""
     common = ["--checkpoint", str(run_dir), "--dataset", dataset, "--no-cache"]
     if limit:
         common += ["--limit", str(limit)]
     results = {}
-    for task, extra in (("zeroshot", []), ("few-shot", ["--shots", shots, "--seeds", "3", "--train-limit", "2000"])):
-        task_out = out / "eval" / task
+    tasks = [("zeroshot", [])] + ([("few-shot", ["--shots", shots, "--seeds", "3", "--train-limit", "2000"])]
+                                  if shots is not None else [])
+    for task, extra in tasks:
+        task_out = out / "eval" / run_dir.name / task if run_dir.name != "run" else out / "eval" / task
         _run([sys.executable, "-m", "pretrain.eval", task, *common, "--output-dir", str(task_out), *extra])
         own = [p for p in sorted(glob.glob(str(task_out / "*.json"))) if not p.endswith(".clip_benchmark.json")]
         results[task] = json.loads(Path(own[0]).read_text())  # (its table was printed by the eval CLI)
     return results
 
 
-def _throughput(run_dir: Path) -> float | None:
+def train_throughput(run_dir: Path) -> float | None:
     """Median training samples/s over the trainer's logged intervals (metrics.jsonl)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": dataset, "url_rows": stats["rows_in"], "rejected": stats["rejected"],
         "kept_samples": manifest["total_samples"],
         "eval_overlap_dropped": stats["counts"].get("filter/eval_overlap", 0), "shards": len(manifest["shards"]),
-        "train_steps": args.steps, "train_samples_per_s": _throughput(run_dir),
+        "train_steps": args.steps, "train_samples_per_s": train_throughput(run_dir),
         "zeroshot_top1": zs["top1"], "chance": 1.0 / n_classes, "zeroshot_n": zs["n"],
         "minutes": {"data": round((t_data - t0) / 60, 2), "train": round((t_train - t_data) / 60, 2),
                     "eval": round((time.time() - t_train) / 60, 2)},
