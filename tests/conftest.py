@@ -121,3 +121,16 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mlflow_module_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 for the whole test module (tests/mlflow_server.py),
+    killed after it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dist_harness import free_port
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), free_port()).start()
+    yield server
+    server.kill()

@@ -103,10 +103,14 @@ def test_spark_equals_local_dedup_only_other_distance(spark, tmp_path: Path) -> 
     assert a == b and counts["filter/near_duplicate"] > 0
 
 
+N_AT_SCALE = 140_000  # > ROW_GROUP (131,072 rows)
+
+
 @pytest.mark.timeout(600)
 def test_spark_at_scale_writes_from_the_executors(spark, tmp_path: Path) -> None:
-    """200k metadata-only rows (the benchmark's generator) with the driver allowed only 4 MB
-    of task results in all: the decided rows (~50 MB) must go to disk from the executors, not
+    """140k metadata-only rows (the benchmark's generator; more than one parquet row group) with
+    the driver allowed only 4 MB of task results in all: the decided rows (~35 MB) must go to disk
+    from the executors, not
     through the driver; the file assembled from Spark's parts equals the local one byte for
     byte, in whole row groups, and the parts are gone."""
     import pyarrow.parquet as pq
@@ -115,7 +119,7 @@ def test_spark_at_scale_writes_from_the_executors(spark, tmp_path: Path) -> None
     from benchmarks.bench_global_pass import make_records
     from data_pipeline.filter.decisions_file import ROW_GROUP
 
-    make_records(tmp_path, 200_000, per_file=50_000)
+    make_records(tmp_path, N_AT_SCALE, per_file=N_AT_SCALE // 4)
     local = global_pass(str(tmp_path), FilterConfig.from_dict({"global_pass": {"engine": "local"}}))
     a = Path(local.decisions_path).read_bytes()
     conf = spark.sparkContext._jsc.sc().conf()  # the live SparkConf: read by every new task set
@@ -126,10 +130,10 @@ def test_spark_at_scale_writes_from_the_executors(spark, tmp_path: Path) -> None
     finally:
         conf.set("spark.driver.maxResultSize", saved)
     assert Path(sp.decisions_path).read_bytes() == a
-    assert sp.counts == local.counts and sp.total_in == 200_000 and sp.n_kept == len(local.kept)
+    assert sp.counts == local.counts and sp.total_in == N_AT_SCALE and sp.n_kept == len(local.kept)
     assert sp.counts["filter/near_duplicate"] > 100 and sp.counts["filter/duplicate_image"] > 1000
     md = pq.ParquetFile(sp.decisions_path).metadata
-    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [ROW_GROUP, 200_000 - ROW_GROUP]
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [ROW_GROUP, N_AT_SCALE - ROW_GROUP]
     assert not Path(sp.decisions_path + ".parts").exists()
     assert sp.kept.equals(local.kept)  # read back from the file, as the shard stage gets it
 

@@ -1,6 +1,6 @@
 """The MLflow model (pretrain/modelio/mlflow_model.py) against a real `mlflow server` on loopback.
 
-- a tiny run trained by the real `deepspeed` launcher, tracking to the server with
+- a tiny run trained by a real launch of pretrain/run.py, tracking to the server with
   `logging.registered_model_name`: the run logs its final model, version 1 of that name shows
   in the registry, and `mlflow.pyfunc.load_model("models:/NAME/1")` (and `runs:/ID/model`)
   embeds texts and images as our model does (the checkpoint through `F.normalize(encode_*)`
@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_harness import free_port  # noqa: E402
-from test_mlflow_tracking import MlflowServer  # noqa: E402
+from mlflow_server import MlflowServer  # noqa: E402
 from train_driver import REPO, caption_data, launch, tiny_overrides  # noqa: E402
 from watched import kill_tree  # noqa: E402
 
@@ -84,11 +83,8 @@ def mixed_frame(imgs: list[bytes]) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    srv = MlflowServer(root, free_port()).start()
-    yield srv
-    srv.kill()
+def server(mlflow_module_server):
+    return mlflow_module_server
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def test_sigterm_to_the_process_group_of_a_deepspeed_launch_checkpoints_and_resu
     tag = run_dir / "checkpoints" / f"step_{saved:08d}"
     assert (tag / "COMPLETE").is_file(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
-    second = launch(run_dir, overrides, timeout=240, launcher="cli")
+    second = launch(run_dir, overrides, timeout=240)  # the resume itself is not about the launcher
     assert second.rc == 0, second.output[-4000:]
     assert f"resumed from {tag}" in second.output, second.output[-4000:]
     assert max(metrics(run_dir)) == steps

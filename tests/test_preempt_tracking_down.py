@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from shard_factory import make_caption_shards
-from test_mlflow_tracking import SECRETS, MlflowServer, _assert_clean
+from mlflow_server import MlflowServer
+from test_mlflow_tracking import SECRETS, _assert_clean
 from train_driver import read_until
 from train_driver import REPO, _env, finish, metrics, tiny_overrides
 

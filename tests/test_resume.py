@@ -1,4 +1,5 @@
-"""Exact resume, interrupted checkpoints, preemption and MLflow, with the real `deepspeed` launcher.
+"""Exact resume, interrupted checkpoints, preemption and MLflow: the straight run under the real
+`deepspeed` command, the interrupted one under the tests' node launcher (tests/env_launcher.py).
 
 RN-tiny, ZeRO-2, fp32, 2 ranks x micro-batch 4 x accumulation 2, 16 steps, on shards with a
 truncated tar and a corrupt JPEG, evaluation and MLflow on:

@@ -1,4 +1,4 @@
-"""Run dirs that cannot be mixed, with the real `deepspeed` launcher (RN-tiny, ZeRO-1, fp32, CPU):
+"""Run dirs that cannot be mixed, with real launches (tests/env_launcher.py; RN-tiny, ZeRO-1, fp32, CPU):
 
 1. run A (1 rank, 8 steps, checkpoint every 4) is frozen (SIGSTOP) after logging step 6;
 2. run B on the same dir (2 ranks) is refused on every rank: the error names A's rank-0 pid
@@ -83,7 +83,7 @@ def runs(tmp_path_factory):
     out["c_mlflow"] = mlflow_id(run_dir)
     # 4. D: resume=false on the finished run
     out["D"] = launch(run_dir, overrides(data, 2, 1, ["--checkpoint.resume=false", "--schedule.warmup_steps=1"]),
-                      nprocs=2, timeout=180)
+                      nprocs=1, timeout=180)
     out["d_tags"] = tags(run_dir)
     out["d_metrics"] = [r["step"] for r in metric_lines(run_dir)]
     out["d_mlflow"] = mlflow_id(run_dir)

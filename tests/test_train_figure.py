@@ -18,8 +18,6 @@ import pytest
 from PIL import Image
 
 from pretrain.train.figure import ARTIFACT_DIR, FIGURE_NAME, HEIGHT_PX, WIDTH_PX
-from test_mlflow_tracking import MlflowServer
-from dist_harness import free_port
 from train_driver import caption_data, launch, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -28,11 +26,8 @@ STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    srv = MlflowServer(root, free_port()).start()
-    yield srv
-    srv.kill()
+def server(mlflow_module_server):
+    return mlflow_module_server
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def run(tmp_path_factory, server):
              "--eval.templates=['a photo of a {}.']", f"--logging.tracking_uri={server.url}",
              "--logging.experiment=figure-test", "--logging.console=paced"]
     return launch(tmp_path_factory.mktemp("run") / "run",
-                  tiny_overrides(data, model="RN-tiny", steps=STEPS, extra=extra), timeout=500)
+                  tiny_overrides(data, model="RN-tiny", steps=STEPS, extra=extra), nprocs=1, timeout=500)
 
 
 def test_console_step_lines_are_paced_with_rate_and_eta(run) -> None:

@@ -5,21 +5,21 @@
     run = launch(tmp_path / "run", tiny_overrides(data, steps=8), nprocs=2)
     assert run.rc == 0, run.output
 
-`launch` starts DeepSpeed's node launcher, `python -m deepspeed.launcher.launch
---world_info=... pretrain/run.py --key=value ...` (on CPU it starts N gloo ranks), and waits;
-`start` returns the Popen for tests that signal the ranks mid-run (`rank_pids`).
+`launch` starts N ranks of `pretrain/run.py --key=value ...` under the tests' node launcher
+(tests/env_launcher.py: the env:// layout DeepSpeed's node launcher gives its ranks, from a
+process that does not import DeepSpeed; on CPU N gloo ranks), and waits; `start` returns the
+Popen for tests that signal the ranks mid-run (`rank_pids`).
 
 Launchers. `launcher="cli"` runs the README's command, `deepspeed --num_gpus N pretrain/run.py`:
-DeepSpeed's runner, which on one node builds that same node-launcher command and waits for it.
-The runner adds nothing on a single node but one more Python process that imports DeepSpeed,
-torch and (through DeepSpeed's autotuner) MLflow, ~5 CPU-seconds per launch before any rank
-starts; so the CLI is used by the tests that are about it (preemption of a `deepspeed` job's
-process group, the resume run, one training launch) and the node launcher by the rest.
+DeepSpeed's runner, which on one node execs DeepSpeed's node launcher, which sets the same
+variables and starts the same rank processes. Runner and node launcher each import DeepSpeed,
+torch and (through DeepSpeed's autotuner) MLflow, ~4 CPU-seconds each before any rank starts;
+so the CLI is used by the tests that are about it (preemption of a `deepspeed` job's process
+group, the resume run, one training launch) and the light launcher by the rest.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import os
@@ -114,7 +114,7 @@ class Launch:
     leaked_shm: list[str] = field(default_factory=list)  # /dev/shm workspaces left behind
 
 
-LAUNCHERS = ("node", "cli")
+LAUNCHERS = ("env", "cli")
 
 
 def _command(run_dir: Path, overrides: list[str], nprocs: int, launcher: str) -> list[str]:
@@ -122,12 +122,10 @@ def _command(run_dir: Path, overrides: list[str], nprocs: int, launcher: str) ->
     port = str(free_port())
     if launcher == "cli":
         return [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", port, *script]
-    if launcher != "node":
+    if launcher != "env":
         raise ValueError(f"launcher must be one of {LAUNCHERS}, not {launcher!r}")
-    # the command DeepSpeed's runner builds for a single node (deepspeed/launcher/runner.py)
-    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nprocs))}).encode()).decode()
-    return [str(REPO / ".venv" / "bin" / "python"), "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", *script]
+    return [str(REPO / ".venv" / "bin" / "python"), "-u", str(REPO / "tests" / "env_launcher.py"),
+            f"--nprocs={nprocs}", f"--master_port={port}", *script]
 
 
 def _env() -> dict[str, str]:
@@ -137,7 +135,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def start(run_dir: Path, overrides: list[str], nprocs: int = 2, launcher: str = "node") -> subprocess.Popen:
+def start(run_dir: Path, overrides: list[str], nprocs: int = 2, launcher: str = "env") -> subprocess.Popen:
     """Start the launcher in its own process group; output is merged into stdout (text)."""
     return subprocess.Popen(_command(run_dir, overrides, nprocs, launcher), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -167,7 +165,7 @@ def shm_workspaces() -> set[str]:
 
 
 def launch(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: float = 300,
-           launcher: str = "node") -> Launch:
+           launcher: str = "env") -> Launch:
     started = time.monotonic()
     before = shm_workspaces()
     result = finish(start(run_dir, overrides, nprocs, launcher), run_dir, started, timeout)

@@ -120,7 +120,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def train(out: Path, manifest_path: Path, n_kept: int, steps: int, eval_dataset: str,
           run_config: dict | None = None, run_name: str = "run") -> Path:
     """Train on the built shards into OUT/RUN_NAME; `run_config` (nested, e.g.
-    {"model": {"patch_dropout": 0.5}}) is merged over demo.yaml (benchmarks/flip_demo_cost.py)."""
+    {"model": {"patch_dropout": 0.5}}) is merged over demo.yaml (benchmarks/demo_recipe.py)."""
     cfg = _merge(yaml.safe_load((HERE / "demo.yaml").read_text()), run_config or {})
     gb = cfg["train"]["global_batch"]
     cfg["output_dir"] = str(out / run_name)

@@ -25,9 +25,11 @@ from .vit import VisionTransformer
 COMPILE_MODES = ("none", "blocks")
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """Compile every ResidualAttentionBlock and Bottleneck of ``model`` in place;
-    returns how many were compiled."""
+    returns how many were compiled. ``backend`` is torch.compile's (``"aot_eager"``: the same
+    graph capture and autograd tracing without inductor's code generation, to debug one or
+    the other)."""
     blocks = [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, Bottleneck))]
     # all blocks share one forward code object, so each distinct block shape (a ResNet has
     # two per stage) and grad mode is one more cache entry of it: lift dynamo's default of 8
@@ -37,7 +39,7 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         # static shapes: the training shapes are fixed (and inductor's symbolic-shape path
         # fails on the bottleneck's average pool in torch 2.13 on CPU)
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, backend=backend)
     return len(blocks)
 
 
