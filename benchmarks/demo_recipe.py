@@ -1,7 +1,7 @@
 """Recipe variants of the demo's training run, measured on the demo's own data: zero-shot top-1
 and training time per variant, against the first one, on this machine.
 
-    .venv/bin/python benchmarks/demo_recipe.py [--out recipe_out] [--steps 1200] [--keep] \
+    .venv/bin/python benchmarks/demo_recipe.py [--out recipe_out] [--images 24000] [--steps 1200] [--keep] \
         [--eval-limit N] --variant 'demo={}' --variant 'p8={model: {overrides: {vision_patch_size: 8}}}' \
         --variant 'flip={model: {patch_dropout: 0.5}}' --variant 'long={steps: 1800}' --variant 'more={images: 16000}'
 
@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_line, md_table  # noqa: E402
 
-from pretrain.demo.main import build_data, evaluate, train, train_throughput  # noqa: E402
+from pretrain.demo.main import (DEFAULT_IMAGES, DEFAULT_STEPS, build_data, evaluate, train,  # noqa: E402
+                                 train_throughput)
 from pretrain.packaged_data import fashion_mnist_available  # noqa: E402
 
-HEADERS = ["variant", "what differs from demo.yaml", "images", "kept pairs", "steps", "zero-shot top-1", "vs first", "train minutes",
-           "train samples/s", "time vs first"]
+HEADERS = ["variant", "what differs from demo.yaml", "images", "kept pairs", "steps", "zero-shot top-1", "vs first",
+           "train minutes", "train samples/s", "time vs first"]
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -63,9 +64,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="recipe_out")
-    p.add_argument("--images", type=int, default=8000,
+    p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                    help="training images served by the demo's local web (a variant's `images` wins)")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps of a variant without its own `steps`")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="optimizer steps of a variant without its own `steps`")
     p.add_argument("--variant", type=parse_variant, action="append", default=None,
                    help="NAME=YAML run-config overrides (repeatable; the first is the baseline; default: demo={})")
     p.add_argument("--eval-limit", type=int, default=0, help="test images per evaluation (0: all, as the demo)")

@@ -5,11 +5,11 @@ gives them, from a process that imports nothing but the standard library.
     python tests/env_launcher.py --nprocs 2 --master_port 29600 pretrain/run.py --output_dir=... ...
 
 Each rank runs `python -u SCRIPT --local_rank=R ARGS...` with MASTER_ADDR=127.0.0.1,
-MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_SIZE (read by DeepSpeed's CPU accelerator as
-its device count), CROSS_RANK=0, CROSS_SIZE=1: the variables DeepSpeed's launcher sets on one
-node. Like it, this launcher waits for every rank (one line per rank's exit code), and when one exits non-zero ends the others
-(SIGTERM, SIGKILL after 30 s) and exits with that rank's code; a SIGTERM or SIGINT to it is
-passed on to the ranks, whose own exit codes then decide.
+MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_SIZE (read by DeepSpeed's CPU accelerator
+as its device count), CROSS_RANK=0, CROSS_SIZE=1: the variables DeepSpeed's launcher sets on
+one node. Like it, this launcher waits for every rank (one line per rank's exit code), and when
+one exits non-zero ends the others (SIGTERM, SIGKILL after 30 s) and exits with that rank's
+code; a SIGTERM or SIGINT to it is passed on to the ranks, whose own exit codes then decide.
 
 Why not DeepSpeed's: its module imports all of DeepSpeed (and through its autotuner MLflow),
 ~4 CPU-seconds before the first rank starts, on each of the suite's few dozen launches. The

@@ -40,7 +40,7 @@ from pretrain.tokenizer import default_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "fashion-mnist" if fashion_mnist_available() else "mnist5k"
 OVERRIDES = {"image_size": 32, "context_length": 16}
-TRAIN_N, TEST_N, STEPS, BATCH = 6000, 2000, 200, 64
+TRAIN_N, TEST_N, STEPS, BATCH = 6000, 2000, 120, 64
 
 
 @dataclass

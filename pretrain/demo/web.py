@@ -9,7 +9,7 @@ decontamination against ``write_eval_images``'s folder must drop.
 The files are served by ``data_pipeline.serve`` on 127.0.0.1; ``write_url_list`` writes
 the parquet URL list pointing at the server.
 
-    web = build_web_files("demo_out/web", n_images=8000, image_px=224, seed=0)
+    web = build_web_files("demo_out/web", n_images=24000, image_px=224, seed=0)
     write_url_list(web, "http://127.0.0.1:PORT", "demo_out/urls.parquet")
     write_eval_images("demo_out/eval_images")     # the test split, for filter.eval_overlap
 """
