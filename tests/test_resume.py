@@ -1,8 +1,9 @@
-"""Exact resume, interrupted checkpoints, preemption and MLflow: the straight run under the real
-`deepspeed` command, the interrupted one under the tests' node launcher (tests/env_launcher.py).
+"""Exact resume, interrupted checkpoints, preemption and MLflow, every launch under the tests' node
+launcher (tests/env_launcher.py; the real `deepspeed` command is launched by tests/test_train_launch.py,
+tests/test_preempt_signal.py and tests/test_demo.py).
 
-RN-tiny, ZeRO-2, fp32, 2 ranks x micro-batch 4 x accumulation 2, 16 steps, on shards with a
-truncated tar and a corrupt JPEG, evaluation and MLflow on:
+RN-tiny, ZeRO-2, fp32, 2 ranks x micro-batch 4 x accumulation 2, 16 steps, one DataLoader worker
+per rank (whose stream position must be restored too), on shards with a truncated tar and a corrupt JPEG, evaluation and MLflow on:
 1. a straight run of 16 steps;
 2. the same run interrupted: SIGKILL of the whole job after the checkpoint of step 6; the
    newest complete checkpoint is then damaged (a file truncated, as a cut copy would be);
@@ -41,7 +42,7 @@ def overrides(data, every: int) -> list[str]:
              "--eval.zeroshot_dataset=packaged:fashion-mnist", "--eval.limit=100",
              "--eval.templates=['a photo of a {}.']", f"--eval.retrieval_dataset=captions:{data.val_pattern}",
              "--logging.experiment=resume-test"]
-    return tiny_overrides(data, model="RN-tiny", stage=2, precision="fp32", steps=STEPS, extra=extra)
+    return tiny_overrides(data, model="RN-tiny", stage=2, precision="fp32", steps=STEPS, workers=1, extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("straight") / "run", overrides(data, every=4), launcher="cli")
+    return launch(tmp_path_factory.mktemp("straight") / "run", overrides(data, every=4))
 
 
 @pytest.fixture(scope="module")
