@@ -312,6 +312,17 @@ def main() -> None:
     names = args.models.split(",") if args.models else (list(DRY_OURS) if dry else list(OURS))
     table = DRY_OURS if dry else OURS
     overrides = (FAST_OVERRIDES if args.fast else []) + [o.removeprefix("--") for o in args.override]
+    for name in names:
+        if name not in table:
+            sys.exit(f"unknown model {name!r}; known: {sorted(table)}")
+    # a bad --override fails here, before the open_clip probe (seconds) or any child engine
+    from gpu_bench import bench_config  # noqa: PLC0415
+    try:
+        bench_config({"side": "ours", "model": table[names[0]], "ckpt": False, "precision": "fp32" if dry else "bf16",
+                      "micro_batch": batches[0], "global_batch": batches[0], "steps": steps, "warmup": warmup,
+                      "out_dir": args.out_dir, "extra": [f"--{o}" for o in overrides]})
+    except (ValueError, SystemExit) as e:
+        sys.exit(f"bad --override: {e}")
     peer = Path(__file__).resolve().parents[1] / ".venv-peer" / "bin" / "python"
     oc_python = args.open_clip_python or (str(peer) if dry and peer.is_file() else sys.executable)
     # the peer environment is open_clip's alone: nothing of this project on its path, no hub
@@ -328,9 +339,6 @@ def main() -> None:
     rows, e2e_rows, skipped = [], [], []
     e2e_workers = args.e2e_workers if args.e2e_workers is not None else (1 if dry else 8)
     for name in names:
-        if name not in table:
-            sys.exit(f"unknown model {name!r}; known: {sorted(table)}")
-    for name in names:
         ours_name = table[name]
         for batch in batches:
             if budget is not None and time.monotonic() - t_start > budget:
@@ -339,12 +347,6 @@ def main() -> None:
             spec = {"side": "ours", "model": ours_name, "ckpt": False, "precision": "fp32" if dry else "bf16",
                     "micro_batch": batch, "global_batch": batch, "steps": steps, "warmup": warmup,
                     "out_dir": args.out_dir, "extra": [f"--{o}" for o in overrides]}
-            if not rows:  # a bad --override fails here, before any child builds an engine
-                from gpu_bench import bench_config  # noqa: PLC0415
-                try:
-                    bench_config(spec)
-                except (ValueError, SystemExit) as e:
-                    sys.exit(f"bad --override: {e}")
             ours = run(spec)
             fits = ours.get("fits", True)
             row = [name, batch] + ([f"{ours['samples_per_s']:.1f}", fmt_mfu(ours, peak), fmt_gib(ours)]

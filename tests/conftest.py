@@ -97,7 +97,7 @@ def _launch_env_restored():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first: under pytest-xdist (`make test` runs `-n 2 --dist
+    """Files with slow tests first: under pytest-xdist (`make test` runs `-n 3 --dist
     loadfile`: each file on one worker, so its module fixtures are built once) the workers
     then finish together rather than one waiting on a long file sent last. GPU tests skip
     cleanly on machines without CUDA."""
