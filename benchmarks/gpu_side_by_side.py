@@ -315,12 +315,16 @@ def main() -> None:
     for name in names:
         if name not in table:
             sys.exit(f"unknown model {name!r}; known: {sorted(table)}")
+
+    def our_spec(name: str, batch: int) -> dict[str, Any]:
+        return {"side": "ours", "model": table[name], "ckpt": False, "precision": "fp32" if dry else "bf16",
+                "micro_batch": batch, "global_batch": batch, "steps": steps, "warmup": warmup,
+                "out_dir": args.out_dir, "extra": [f"--{o}" for o in overrides]}
+
     # a bad --override fails here, before the open_clip probe (seconds) or any child engine
     from gpu_bench import bench_config  # noqa: PLC0415
     try:
-        bench_config({"side": "ours", "model": table[names[0]], "ckpt": False, "precision": "fp32" if dry else "bf16",
-                      "micro_batch": batches[0], "global_batch": batches[0], "steps": steps, "warmup": warmup,
-                      "out_dir": args.out_dir, "extra": [f"--{o}" for o in overrides]})
+        bench_config(our_spec(names[0], batches[0]))
     except (ValueError, SystemExit) as e:
         sys.exit(f"bad --override: {e}")
     peer = Path(__file__).resolve().parents[1] / ".venv-peer" / "bin" / "python"
@@ -344,10 +348,7 @@ def main() -> None:
             if budget is not None and time.monotonic() - t_start > budget:
                 skipped.append(f"{name} batch {batch}")
                 continue
-            spec = {"side": "ours", "model": ours_name, "ckpt": False, "precision": "fp32" if dry else "bf16",
-                    "micro_batch": batch, "global_batch": batch, "steps": steps, "warmup": warmup,
-                    "out_dir": args.out_dir, "extra": [f"--{o}" for o in overrides]}
-            ours = run(spec)
+            ours = run(our_spec(name, batch))
             fits = ours.get("fits", True)
             row = [name, batch] + ([f"{ours['samples_per_s']:.1f}", fmt_mfu(ours, peak), fmt_gib(ours)]
                                    if fits else ["OOM", "-", "-"])
@@ -368,7 +369,7 @@ def main() -> None:
             rows.append(row)
             print(md_table(HEADERS, [row]).splitlines()[-1], flush=True)
             if e2e_workers > 0 and batch == batches[0]:  # the loader's rate hardly depends on the batch
-                e2e = run({**spec, "side": "e2e", "workers": e2e_workers,
+                e2e = run({**our_spec(name, batch), "side": "e2e", "workers": e2e_workers,
                            "image_px": args.e2e_image_px or (48 if dry else 256),
                            "max_images": 64 if dry else 2048, "steps": max(steps, 6 if dry else 30),
                            "warmup": max(warmup, 2 if dry else 5)})
