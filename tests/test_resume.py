@@ -93,6 +93,7 @@ def test_straight_run_writes_the_run_files(straight):
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [
         "step_00000008", "step_00000012", "step_00000016"]  # keep_last=3
     assert (run / "checkpoints" / "latest").read_text() == "step_00000016"
+    assert not (run / "training_curves.png").exists()  # logging.figure=false (tests/train_driver.py)
 
 
 def test_bad_samples_are_skipped_counted_and_training_goes_on(straight):
@@ -141,7 +142,7 @@ def test_mlflow_params_metrics_artifacts(straight):
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
     assert client.get_metric_history(run.info.run_id, "skipped_samples")[-1].value >= 1
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"run_config.yaml", "ds_config.json", "eval"} <= names
+    assert {"run_config.yaml", "ds_config.json", "eval"} <= names and "figures" not in names  # logging.figure=false
     assert [a.path for a in client.list_artifacts(run.info.run_id, "eval")] == ["eval/step_00000016.json"]
 
 

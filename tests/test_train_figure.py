@@ -35,7 +35,7 @@ def run(tmp_path_factory, server):
     data = caption_data(tmp_path_factory.mktemp("shards"))
     extra = ["--eval.zeroshot_dataset=packaged:fashion-mnist", "--eval.limit=100", "--eval.every_steps=12",
              "--eval.templates=['a photo of a {}.']", f"--logging.tracking_uri={server.url}",
-             "--logging.experiment=figure-test", "--logging.console=paced"]
+             "--logging.experiment=figure-test", "--logging.console=paced", "--logging.figure=true"]
     return launch(tmp_path_factory.mktemp("run") / "run",
                   tiny_overrides(data, model="RN-tiny", steps=STEPS, extra=extra), nprocs=1, timeout=500)
 

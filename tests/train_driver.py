@@ -72,8 +72,9 @@ def tiny_overrides(data: CaptionData, *, model: str = "RN-tiny", stage: int = 1,
         f"--train.global_batch={global_batch}", f"--train.micro_batch={micro_batch}", "--train.epochs=1",
         f"--train.zero_stage={stage}", f"--train.precision={precision}", f"--optimizer.lr={lr}",
         "--schedule.warmup_steps=2", "--logging.every_steps=1", "--logging.console=every", "--checkpoint.every_steps=0",
-        # the final MLflow model (a reload of the run and an upload) only where a test is about it
-        "--logging.log_model=false",
+        # the final MLflow model (a reload of the run and an upload) and the training figure
+        # (matplotlib, ~1 CPU-s) only where a test is about them
+        "--logging.log_model=false", "--logging.figure=false",
         *(extra or []),
     ]
 

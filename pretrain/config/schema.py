@@ -254,6 +254,9 @@ class LoggingConfig:
     run_name: str = ""  # "" = the run dir's name
     log_model: bool = True  # a finished run logs its final model as an MLflow pyfunc model
     registered_model_name: str = ""  # "" = not registered; else that model version is created
+    # <run dir>/training_curves.png (matplotlib on rank 0, ~1 CPU-s per drawing), redrawn after
+    # each evaluation and at the end and logged to MLflow; false: not drawn
+    figure: bool = True
     # The console's step line: "paced" = every ~10% of the steps or ~30 s (pretrain/progress.py),
     # "every" = at every logging step. metrics.jsonl and MLflow get every logging step either way.
     console: str = "paced"
