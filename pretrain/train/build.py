@@ -22,7 +22,6 @@ from pretrain.models import create_model
 from pretrain.models.speed import apply_speed_switches
 from pretrain.train.checkpoint import complete_tags
 from pretrain.train.distributed import broadcast_object, release_shm_workspace
-from pretrain.train.ds_import import without_muon
 from pretrain.train.ds_config import build_ds_config, guards_nonfinite_in_optimizer, uses_cpu_adam
 from pretrain.train.init_from import init_model_from
 from pretrain.train.optim import build_optimizer
@@ -58,8 +57,7 @@ def build_engine(cfg: RunConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     ds_config = build_ds_config(cfg, world_size)
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg, cpu_adam=uses_cpu_adam(cfg), guard=guards_nonfinite_in_optimizer(cfg))
-    with without_muon():  # ~0.8 CPU-s of TorchInductor imports per rank for an optimizer never used
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     # initialize() starts the process group itself when the caller has not (tests, notebooks):
     # DeepSpeed's shm workspace name must go then too (distributed.release_shm_workspace)
     release_shm_workspace()
