@@ -8,8 +8,11 @@
 
     results = run_distributed(work, 2, 7)                       # [result_rank0, result_rank1]
 
-Processes are started with torch.multiprocessing spawn (the start method CUDA/NCCL code also
-needs), MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK are set so that env:// users
+Processes come from a multiprocessing fork server (safe for CUDA/NCCL code, like spawn: the
+server never touches a device) that imported torch and the trainer (torch, DeepSpeed) once per
+test process; a spawned rank would import them again, ~2.5 CPU-seconds each on a 2-core x86
+CPU. Each rank gets the caller's environment as it is at the call (the server's own is the one
+it was started with); MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK are set so that env:// users
 (`deepspeed.init_distributed`) work too; pass `init_group=False` to let `fn` create the group
 itself. Results travel through torch.save files in a temp dir (tensors sent through a queue
 die with the process that shared them). A rank's exception is re-raised in the caller with
@@ -33,6 +36,11 @@ import torch.multiprocessing as mp
 
 from pretrain.train.distributed import free_port  # tests import it from here too
 
+START_METHOD = "forkserver"
+# Imported by the fork server before its first fork (a failed preload is skipped there, and the
+# rank then imports it itself).
+mp.get_context(START_METHOD).set_forkserver_preload(["torch", "torch.distributed", "pretrain.train"])
+
 
 def _worker(
     rank: int,
@@ -45,7 +53,10 @@ def _worker(
     timeout_s: float,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    env: dict[str, str],
 ) -> None:
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -82,17 +93,19 @@ def run_distributed(
     threads: int = 1,
     **kwargs: Any,
 ) -> list[Any]:
-    """Call `fn(rank, world_size, *args, **kwargs)` in `world_size` spawned processes.
+    """Call `fn(rank, world_size, *args, **kwargs)` in `world_size` new processes.
 
     `fn` and its arguments must be picklable (module-level function). Returns the list of
     the ranks' return values, in rank order.
     """
     with tempfile.TemporaryDirectory(prefix="dist_harness_") as out_dir:
-        ctx = mp.spawn(
+        ctx = mp.start_processes(
             _worker,
-            args=(fn, world_size, free_port(), out_dir, init_group, threads, timeout_s, args, kwargs),
+            args=(fn, world_size, free_port(), out_dir, init_group, threads, timeout_s, args, kwargs,
+                  dict(os.environ)),
             nprocs=world_size,
             join=False,
+            start_method=START_METHOD,
         )
         deadline = time.monotonic() + timeout_s
         try:
