@@ -8,10 +8,11 @@
 
     results = run_distributed(work, 2, 7)                       # [result_rank0, result_rank1]
 
-Processes come from a multiprocessing fork server (safe for CUDA/NCCL code, like spawn: the
-server never touches a device) that imported torch and the trainer (torch, DeepSpeed) once per
-test process; a spawned rank would import them again, ~2.5 CPU-seconds each on a 2-core x86
-CPU. Each rank gets the caller's environment as it is at the call (the server's own is the one
+Processes come from the test process's multiprocessing fork server (safe for CUDA/NCCL code,
+like spawn: the server never touches a device), the one the DataLoader workers use
+(pretrain/data/workers.py: started with SIGTERM/SIGUSR1 blocked, which each rank unblocks);
+started here, it imports the trainer (torch, DeepSpeed) once besides the workers' modules; a
+spawned rank would import them again, ~2.5 CPU-seconds each on a 2-core x86 CPU. Each rank gets the caller's environment as it is at the call (the server's own is the one
 it was started with); MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK are set so that env:// users
 (`deepspeed.init_distributed`) work too; pass `init_group=False` to let `fn` create the group
 itself. Results travel through torch.save files in a temp dir (tensors sent through a queue
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -34,12 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.data import workers
 from pretrain.train.distributed import free_port  # tests import it from here too
 
 START_METHOD = "forkserver"
-# Imported by the fork server before its first fork (a failed preload is skipped there, and the
-# rank then imports it itself).
-mp.get_context(START_METHOD).set_forkserver_preload(["torch", "torch.distributed", "pretrain.train"])
+# Imported by the fork server before its first fork where this starts it (a failed preload is
+# skipped there; the rank then imports it itself, as it does when a DataLoader started the server).
+PRELOAD = [*workers.PRELOAD, "torch.distributed", "pretrain.train"]
 
 
 def _worker(
@@ -55,6 +58,7 @@ def _worker(
     kwargs: dict[str, Any],
     env: dict[str, str],
 ) -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, workers.QUIET_SIGNALS)  # the server's mask
     os.environ.clear()
     os.environ.update(env)
     os.environ.update(
@@ -98,6 +102,8 @@ def run_distributed(
     `fn` and its arguments must be picklable (module-level function). Returns the list of
     the ranks' return values, in rank order.
     """
+    mp.get_context(START_METHOD).set_forkserver_preload(PRELOAD)  # no effect once the server runs
+    workers.start_fork_server()
     with tempfile.TemporaryDirectory(prefix="dist_harness_") as out_dir:
         ctx = mp.start_processes(
             _worker,

@@ -65,8 +65,10 @@ else:  # pragma: no cover - platforms without a fork server
     _CONTEXT = None
 
 
-def _start_server() -> None:
-    """Start the fork server (once; again if it died) with the preemption signals blocked.
+def start_fork_server() -> None:
+    """Start this process's fork server (once; again if it died) with the preemption signals
+    blocked, preloading what `set_forkserver_preload` last named (`worker_context`: PRELOAD;
+    tests/dist_harness.py: PRELOAD and the trainer, whose ranks it forks from the same server).
 
     The mask is inherited through fork and exec. The resource tracker is started first:
     starting it unblocks SIGTERM in the calling thread (CPython's resource_tracker blocks
@@ -88,5 +90,5 @@ def worker_context(num_workers: int) -> BaseContext | None:
     if num_workers <= 0 or _CONTEXT is None or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     _CONTEXT.set_forkserver_preload(PRELOAD)  # no effect once the server runs; it is per process
-    _start_server()
+    start_fork_server()
     return _CONTEXT
