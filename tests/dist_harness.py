@@ -12,9 +12,10 @@ Processes come from the test process's multiprocessing fork server (safe for CUD
 like spawn: the server never touches a device), the one the DataLoader workers use
 (pretrain/data/workers.py: started with SIGTERM/SIGUSR1 blocked, which each rank unblocks);
 started here, it imports the trainer (torch, DeepSpeed) once besides the workers' modules; a
-spawned rank would import them again, ~2.5 CPU-seconds each on a 2-core x86 CPU. Each rank gets the caller's environment as it is at the call (the server's own is the one
-it was started with); MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK are set so that env:// users
-(`deepspeed.init_distributed`) work too; pass `init_group=False` to let `fn` create the group
+spawned rank would import them again, ~2.5 CPU-seconds each on a 2-core x86 CPU. Each rank
+gets the caller's environment as it is at the call (the server's own is the one it was
+started with), plus MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK for env:// users
+(`deepspeed.init_distributed`); pass `init_group=False` to let `fn` create the group
 itself. Results travel through torch.save files in a temp dir (tensors sent through a queue
 die with the process that shared them). A rank's exception is re-raised in the caller with
 its traceback; a hang is killed after `timeout_s`. Each worker ends with barrier +
