@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from _common import machine_line, md_table, run_child  # noqa: E402
+
+
+def _sig3(x: float) -> str:
+    """Three significant digits, never in exponent form: a small CPU share on a loaded dry run
+    (0.0004 cores) must not print as 0.000."""
+    if not math.isfinite(x) or x <= 0:
+        return f"{x:.3f}"
+    return f"{x:.{max(0, 2 - math.floor(math.log10(x)))}f}"
+
 
 # open_clip's model names -> ours
 OURS = {"ViT-B-32": "ViT-B/32", "ViT-B-16": "ViT-B/16", "RN50": "RN50"}
@@ -373,9 +383,9 @@ def main() -> None:
                            "image_px": args.e2e_image_px or (48 if dry else 256),
                            "max_images": 64 if dry else 2048, "steps": max(steps, 6 if dry else 30),
                            "warmup": max(warmup, 2 if dry else 5)})
-                feed = f"{ours['samples_per_s'] * e2e['cpu_s_per_sample']:.3f}" if fits else "-"
+                feed = _sig3(ours['samples_per_s'] * e2e['cpu_s_per_sample']) if fits else "-"
                 e2e_row = [name, batch, e2e_workers, f"{e2e['samples_per_s']:.1f}", f"{e2e['data_wait_frac']:.3f}",
-                           f"{e2e['loader_cores']:.3f}", f"{1000 * e2e['cpu_s_per_sample']:.3f}", feed]
+                           _sig3(e2e['loader_cores']), _sig3(1000 * e2e['cpu_s_per_sample']), feed]
                 e2e_rows.append(e2e_row)
                 print("e2e " + md_table(E2E_HEADERS, [e2e_row]).splitlines()[-1], flush=True)
     print()

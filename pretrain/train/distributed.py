@@ -21,11 +21,13 @@ import datetime
 import io
 import logging
 import os
+import random
 import re
 import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -49,10 +51,31 @@ class DistEnv:
 
 
 def free_port() -> int:
-    """A TCP port free on this host now (for a single-node rendezvous)."""
+    """A TCP port free on this host now (for a single-node rendezvous), chosen at random below
+    the kernel's ephemeral range: a port from bind(("", 0)) lies in that range, where any
+    outgoing connection on the host (an HTTP client, a gloo peer) can take it before the
+    rendezvous binds it (EADDRINUSE; seen with three test workers on two cores)."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()  # not the seeded module RNG: every caller would pick alike
+    for _ in range(64):
+        port = pick.randrange(max(1024, low - 16384), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; IANA's 49152 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def detect_env(local_rank_arg: int | None = None) -> DistEnv:
