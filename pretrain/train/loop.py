@@ -92,7 +92,7 @@ def fit(cfg: RunConfig, env: DistEnv, device: torch.device) -> int:
     trainer = _Trainer(cfg, env, device, engine, state, tracker, run_dir, accum)
     try:
         code, status = trainer.run(preempt)
-        if env.is_main and cfg.logging.figure and trainer.figure_step != state.step:
+        if env.is_main and trainer.figure_step != state.step:
             trainer.publish_figure()
     except BaseException:
         tracker.close("FAILED")
@@ -265,11 +265,13 @@ class _Trainer:
             self.tracker.log_metrics(results, state.step)
             if self.env.is_main:
                 self.tracker.log_artifact(self.evaluator.result_path(state.step), "eval")
-                if self.cfg.logging.figure:
-                    self.publish_figure()
+                self.publish_figure()
 
     def publish_figure(self) -> None:
-        """Rank 0: redraw <run dir>/training_curves.png and queue it for MLflow."""
+        """Rank 0: redraw <run dir>/training_curves.png and queue it for MLflow
+        (nothing with `logging.figure=false`)."""
+        if not self.cfg.logging.figure:
+            return
         path = write_training_figure(self.run_dir)
         self.figure_step = self.state.step
         if path is not None:
