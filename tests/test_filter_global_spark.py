@@ -20,6 +20,7 @@ import pytest
 from data_pipeline.filter import FilterConfig, global_pass
 from data_pipeline.filter.fsio import write_parquet_atomic
 from data_pipeline.filter.global_pass import choose_engine
+from data_pipeline.filter.global_spark import sorted_files
 from data_pipeline.filter.shard_pass import RECORD_SCHEMA
 
 pytestmark = [pytest.mark.slow]
@@ -47,8 +48,10 @@ def spark():
             os.environ[k] = v
 
 
-def synthetic_records(root: Path, n: int = 3000, tars: int = 3, seed: int = 0) -> None:
-    """Per-shard record files as pass 1 writes them, with planted duplicates of each kind."""
+def synthetic_records(root: Path, n: int = 3000, tars: int = 3, seed: int = 0, shuffle: bool = True) -> None:
+    """Per-shard record files with planted duplicates of each kind: in key order, as pass 1
+    writes them (``shuffle=False``: Spark's long-order path), or shuffled inside each file
+    (the general path)."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 2**64, size=n // 4, dtype=np.uint64, endpoint=False)
     hashes = base[rng.integers(0, len(base), size=n)]
@@ -71,8 +74,13 @@ def synthetic_records(root: Path, n: int = 3000, tars: int = 3, seed: int = 0) -
         })
     for t in range(tars):
         part = [r for r in rows if r["source_tar"] == f"{t:05d}.tar"]
-        rng.shuffle(part)  # a per-shard file need not be in key order
+        if shuffle:
+            rng.shuffle(part)  # a per-shard file need not be in key order
         write_parquet_atomic(pa.Table.from_pylist(part, schema=RECORD_SCHEMA), str(root / "per_shard" / f"{t:05d}.parquet"))
+
+
+def per_shard(work: Path) -> list[str]:
+    return sorted(str(p) for p in (work / "per_shard").glob("*.parquet"))
 
 
 def run_both(work: Path, cfg_dict: dict) -> tuple[bytes, bytes, dict]:
@@ -85,8 +93,10 @@ def run_both(work: Path, cfg_dict: dict) -> tuple[bytes, bytes, dict]:
 
 
 @pytest.mark.timeout(300)
-def test_spark_equals_local_on_synthetic_records(spark, tmp_path: Path) -> None:
-    synthetic_records(tmp_path)
+@pytest.mark.parametrize("shuffle", [True, False], ids=["any-order", "key-order"])
+def test_spark_equals_local_on_synthetic_records(spark, tmp_path: Path, shuffle: bool) -> None:
+    synthetic_records(tmp_path, shuffle=shuffle)
+    assert (sorted_files(per_shard(tmp_path)) is None) == shuffle  # the path this case takes
     cfg = {"dedup": {"phash_distance": 4}, "balance": {"enabled": True, "entries": ["dress"], "max_per_entry": 200}}
     a, b, counts = run_both(tmp_path, cfg)
     assert a == b
@@ -176,3 +186,63 @@ def test_engine_is_not_part_of_the_dataset_identity() -> None:
     b = load_config(overrides=[("filter.global_pass.engine", "spark"), ("filter.global_pass.spark_min_rows", 5)])
     assert a.filter.global_pass.engine == "local" and b.filter.global_pass.engine == "spark"
     assert dataset_identity(a) == dataset_identity(b)
+
+
+def _records(path: Path, rows: list[tuple[str, str]], decisions: list[str] | None = None, group: int | None = None,
+             base: int = 0) -> str:
+    """A per-shard file of ``rows`` (source_tar, key), all distinct (image hash i + base)."""
+    import pyarrow.parquet as pq
+
+    n = len(rows)
+    t = pa.Table.from_pylist([{
+        "source_tar": st, "key": k, "url": f"http://127.0.0.1/{i}.jpg", "caption": f"c{i}", "width": 224,
+        "height": 224, "original_width": -1, "original_height": -1, "sha256": f"{i + base:064x}",
+        "phash": f"{(i + base) * 0x9E3779B97F4A7C15 % 2**64:016x}", "clip_score": float("nan"), "balance_entries": [],
+        "decision": (decisions or ["kept"] * n)[i]} for i, (st, k) in enumerate(rows)], schema=RECORD_SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(t, str(path), row_group_size=group)
+    return str(path)
+
+
+def test_sorted_files_orders_files_or_refuses(tmp_path: Path) -> None:
+    a = _records(tmp_path / "x" / "00001.parquet", [("00001.tar", "001"), ("00001.tar", "002")])
+    b = _records(tmp_path / "x" / "00000.parquet", [("00000.tar", "009"), ("00000.tar", "010")])
+    empty = _records(tmp_path / "x" / "00002.parquet", [])
+    assert sorted_files([a, empty, b]) == [b, a, empty]  # by their rows, empty files last
+    unsorted = _records(tmp_path / "u" / "00003.parquet", [("00003.tar", "002"), ("00003.tar", "001")])
+    repeated = _records(tmp_path / "r" / "00003.parquet", [("00003.tar", "001"), ("00003.tar", "001")])
+    overlap = _records(tmp_path / "o" / "00004.parquet", [("00000.tar", "005"), ("00000.tar", "011")])
+    same_name = _records(tmp_path / "y" / "00001.parquet", [("00009.tar", "001")])
+    assert sorted_files([a, b, unsorted]) is None
+    assert sorted_files([a, b, repeated]) is None
+    assert sorted_files([a, b, overlap]) is None  # rows of b's range in another file
+    assert sorted_files([a, b, same_name]) is None  # _metadata.file_name could not tell them apart
+    # the order check runs across row groups (batches) too
+    across = _records(tmp_path / "g" / "00005.parquet", [("00005.tar", f"{i:03d}") for i in (0, 1, 3, 2)], group=2)
+    assert sorted_files([across]) is None
+
+
+@pytest.mark.timeout(300)
+def test_spark_row_index_survives_skipped_row_groups(spark, tmp_path: Path) -> None:
+    """Key-ordered files whose first row groups hold no kept row (Parquet statistics let
+    Spark skip them when it filters on decision): ``_metadata.row_index`` must still count
+    the skipped rows, or a rejection lands on the wrong row. Byte-identical to local, with
+    duplicates placed after the skipped groups."""
+    n = 1200
+    for t in range(2):
+        rows = [(f"{t:05d}.tar", f"{i:06d}") for i in range(n)]
+        dec = ["filter/min_side"] * 500 + ["kept"] * (n - 500)
+        _records(tmp_path / "per_shard" / f"{t:05d}.parquet", rows, dec, group=100, base=t * n)
+    import pyarrow.parquet as pq
+
+    # plant exact duplicates, both after skipped groups: file 1's rows 700 and 900 repeat
+    # the images of file 0's rows 600 and 1000
+    p = tmp_path / "per_shard" / "00001.parquet"
+    t1 = pq.read_table(p)
+    sha = t1.column("sha256").to_pylist()
+    sha[700] = f"{600:064x}"
+    sha[900] = f"{1000:064x}"
+    pq.write_table(t1.set_column(t1.schema.get_field_index("sha256"), "sha256", pa.array(sha)), str(p), row_group_size=100)
+    assert sorted_files(per_shard(tmp_path)) is not None
+    a, b, counts = run_both(tmp_path, {})
+    assert a == b and counts["filter/duplicate_image"] == 2 and counts["filter/min_side"] == 1000
