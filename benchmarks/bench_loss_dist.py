@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from _common import MIB, PeakMemory, machine_line, md_table  # noqa: E402
+from pretrain.train.distributed import free_port  # noqa: E402  (below the ephemeral range)
 
 
 def _rank(rank: int, world: int, port: int, name: str, d: int, args: argparse.Namespace, out: str) -> None:
@@ -72,13 +73,6 @@ def _rank(rank: int, world: int, port: int, name: str, d: int, args: argparse.Na
     dist.barrier()
     dist.destroy_process_group()
 
-
-def free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

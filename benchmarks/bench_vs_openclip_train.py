@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from _common import REPO, machine_line, md_table, require_open_clip  # noqa: E402
+from pretrain.train.distributed import free_port  # noqa: E402  (below the ephemeral range)
 
 NPROC = 2
 LR, BETAS, EPS, WD, CLIP_NORM = 5e-4, (0.9, 0.98), 1e-6, 0.2, 1.0
@@ -76,11 +76,6 @@ def param_counts(name: str, oc_name: str) -> tuple[int, int]:
     theirs = sum(p.numel() for p in open_clip.create_model(oc_name).parameters())
     return ours, theirs
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[str, float]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,14 +44,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the big-batch worker and the fp6
 
 from gradcache_bigbatch import BigBatchSpec, build_model, make_samples  # noqa: E402
 from gradcache_reference import reference_grads  # noqa: E402
+from pretrain.train.distributed import free_port  # noqa: E402  (below the ephemeral range)
 
 GIB = 1 << 30
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(args: argparse.Namespace, out: Path) -> float:
