@@ -2,7 +2,8 @@
 
 Writes synthetic metadata-only per-shard records (what pass 1 leaves: no images) of N rows
 (100k rows per file; 10 % exact image duplicates, 5 % url+caption repeats, 5 % near-duplicate
-pHashes at 1-4 bits, random hashes otherwise), then runs ``global_pass`` with
+pHashes: N/150 pictures with ~7.5 copies each at 0-4 flipped bits, so the close pairs grow
+linearly with N; random hashes otherwise), then runs ``global_pass`` with
 ``filter.global_pass.engine=local`` and ``=spark`` (Spark local[*] unless --master), each in
 its own child process. Peak memory is the summed resident set of the child's process tree
 (Python + the Spark JVM), sampled every 0.2 s. Prints one markdown row per (N, engine).
@@ -45,7 +46,9 @@ def make_records(work: Path, n: int, per_file: int = 100_000, seed: int = 0) -> 
         cap_id = np.where(url_id < n, 0, idx)
         h = rng.integers(0, 2**64, size=m, dtype=np.uint64, endpoint=False)
         near = rng.random(m) < 0.05
-        h[near] = (rng.integers(0, 2**16, size=int(near.sum()), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        # A fixed number of pictures would grow the copies per picture, and so the pairs, as N^2.
+        pics = max(1, n // 150)
+        h[near] = (rng.integers(0, pics, size=int(near.sum()), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
         for k in range(4):  # 1-4 bit flips on the planted ones
             flip = near & (rng.random(m) < 0.6)
             h[flip] ^= np.uint64(1) << rng.integers(0, 64, int(flip.sum())).astype(np.uint64)

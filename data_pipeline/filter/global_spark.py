@@ -124,32 +124,53 @@ def _near_duplicates(spark, df, d: int):
     from pyspark.sql.types import StructField, StructType
 
     o_type = df.schema["_o"].dataType
-    plain = (lambda v: tuple(v)) if isinstance(o_type, StructType) else (lambda v: v)
+    long_o = not isinstance(o_type, StructType)
     alive = df.filter("_alive").select("_o", _hash64(F.col("phash")).alias("_v"))
     distinct = alive.groupBy("_v").agg(F.min("_o").alias("_first")).localCheckpoint()
-    gone: set = set()
+    gone: list = []
     if d > 0:
         pairs = _near_pairs(distinct, d)
-        # Greedy in order of the later occurrence: its earlier partners are all decided.
-        rows = sorted((plain(r.b), plain(r.a)) for r in pairs.toLocalIterator())
-        i = 0
-        while i < len(rows):
-            later, j, any_kept = rows[i][0], i, False
-            while j < len(rows) and rows[j][0] == later:
-                any_kept = any_kept or rows[j][1] not in gone
-                j += 1
-            if any_kept:
-                gone.add(later)
-            i = j
+        if long_o:  # Arrow to numpy: 16 bytes a pair on the driver, not two Python ints and a Row
+            p = pairs.toPandas()
+            a, b = p["a"].to_numpy(np.int64), p["b"].to_numpy(np.int64)
+            s = np.lexsort((a, b))
+            gone = _greedy(b[s].tolist(), a[s].tolist())
+        else:
+            rows = sorted((tuple(r.b), tuple(r.a)) for r in pairs.toLocalIterator())
+            gone = _greedy([r[0] for r in rows], [r[1] for r in rows])
     first = alive.join(distinct, "_v").select("_o", "_first")
     if gone:
-        g = spark.createDataFrame([(v,) for v in sorted(gone)], StructType([StructField("_g", o_type)]))
+        schema = StructType([StructField("_g", o_type)])
+        g = (spark.createDataFrame(pd.DataFrame({"_g": np.asarray(gone, np.int64)}), schema) if long_o
+             else spark.createDataFrame([(v,) for v in gone], schema))
         first = first.join(F.broadcast(g) if len(gone) < 1_000_000 else g, F.col("_first") == F.col("_g"), "left")
     else:
         first = first.withColumn("_g", F.lit(None))
     near = first.select("_o", ((F.col("_o") != F.col("_first")) | F.col("_g").isNotNull()).alias("_near"))
     df = df.join(near, "_o", "left")
     return _mark(df, F.coalesce(F.col("_near"), F.lit(False)), NEAR_DUPLICATE).drop("_near")
+
+
+def _greedy(later: list, earlier: list) -> list:
+    """Later occurrences dropped: pairs sorted by (later, earlier), taken in that order.
+
+    A later occurrence goes when any of its earlier partners stays; every earlier partner
+    sorts before it, so its fate is already known (the local path's rule, same order).
+    """
+    gone: set = set()
+    out: list = []
+    cur, hit = None, False
+    for b, a in zip(later, earlier):
+        if b != cur:
+            if hit:
+                gone.add(cur)
+                out.append(cur)
+            cur, hit = b, False
+        hit = hit or a not in gone
+    if hit:
+        gone.add(cur)
+        out.append(cur)
+    return out
 
 
 def _near_pairs(distinct, d: int):
