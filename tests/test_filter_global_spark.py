@@ -179,6 +179,19 @@ def test_spark_equals_local_on_a_real_filter_build(spark, tmp_path: Path) -> Non
     assert a == b and counts["filter/eval_overlap"] == 1
 
 
+@pytest.mark.timeout(300)
+def test_spark_equals_local_on_a_tar_with_a_repeated_key(spark, tmp_path: Path) -> None:
+    from data_pipeline.filter import filter_stage
+    from test_filter_stage import repeated_key_tar
+
+    tar, _ = repeated_key_tar(tmp_path)
+    work = tmp_path / "work"
+    filter_stage([tar], str(work), FilterConfig.from_dict({"global_pass": {"engine": "local"}}))
+    assert sorted_files(per_shard(work)) is None  # "a#2" after "b": the any-order path
+    a, b, counts = run_both(work, {})
+    assert a == b and counts == {"filter/duplicate_key": 2}
+
+
 def test_engine_is_not_part_of_the_dataset_identity() -> None:
     from data_pipeline.config import dataset_identity, load_config
 

@@ -175,3 +175,39 @@ def test_bad_input_is_a_clear_error(tmp_path):
     same = [write_tar(tmp_path / d / "00000.tar", [good("000000000", 0)]) for d in ("a", "b")]
     with pytest.raises(ValueError, match="share the name"):
         filter_stage(same, str(tmp_path / "w2"), FilterConfig())
+
+
+def repeated_key_tar(tmp: Path) -> tuple[str, list[bytes]]:
+    """One tar where key "a" comes three times (other pictures each time) around a real
+    key "a#1": what a hostile or broken crawl can hand the filter."""
+    d = distinct_indices(16)
+    img = [encode(real_image(d[j])) for j in range(5)]
+    samples = [sample("a", img[0], real_caption(d[0])), sample("b", img[1], real_caption(d[1])),
+               sample("a", img[2], real_caption(d[2])), sample("a#1", img[3], real_caption(d[3])),
+               sample("a", img[4], real_caption(d[4]))]
+    return write_tar(tmp / "00000.tar", samples), img
+
+
+@pytest.mark.timeout(180)
+def test_a_repeated_key_is_rejected_counted_and_never_shadows_the_kept_copy(tmp_path):
+    import hashlib
+
+    from data_pipeline.filter.fsio import iter_tar_samples
+    from pretrain.shards.tario import TarIndex
+
+    tar, img = repeated_key_tar(tmp_path)
+    res = filter_stage([tar], str(tmp_path / "work"), FilterConfig(), processes=1)
+    dec = pd.read_parquet(tmp_path / "work" / "decisions.parquet")
+    assert sorted(zip(dec["key"], dec["decision"])) == [
+        ("a", "kept"), ("a#1", "kept"), ("a#2", "filter/duplicate_key"), ("a#3", "filter/duplicate_key"),
+        ("b", "kept")]
+    assert res.counts == {"filter/duplicate_key": 2} and res.total_in == 5
+    kept = res.kept.set_index("key")
+    assert kept.loc["a", "sha256"] == hashlib.sha256(img[0]).hexdigest()
+    # The shard stage reads the kept sample's bytes by name: the first copy, the judged one.
+    assert TarIndex(tar).read("a.jpg") == img[0] and TarIndex(tar).read("a#1.jpg") == img[3]
+    # A member repeated inside one sample: the filter, too, judges the first copy.
+    twice = tmp_path / "twice.tar"
+    write_tar(twice, [{"key": "x", "parts": {"jpg": img[0]}}, {"key": "x", "parts": {"jpg": img[1]}}])
+    assert [(k, p["jpg"]) for k, p in iter_tar_samples(str(twice))] == [("x", img[0])]
+    assert TarIndex(str(twice)).read("x.jpg") == img[0]

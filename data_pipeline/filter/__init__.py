@@ -30,7 +30,7 @@ filter/duplicate_image (SHA-256), filter/duplicate_url_caption, filter/near_dupl
 from __future__ import annotations
 
 # Bump when the per-shard record's meaning changes: older per-shard files are recomputed.
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: a key repeated in one tar is renamed key#n (unique records)
 
 from data_pipeline.filter.config import (  # noqa: E402
     BalanceConfig, CaptionRules, ClipScoreConfig, DedupConfig, EvalOverlapConfig, FilterConfig, GlobalPassConfig,

@@ -67,7 +67,9 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                         if key is not None:
                             yield key, parts
                         key, parts = k, {}
-                    parts[ext] = data
+                    # A member repeated within a sample: the first copy, as the shard
+                    # stage's tar index reads it (pretrain.shards.tario.TarIndex).
+                    parts.setdefault(ext, data)
                 if key is not None:
                     yield key, parts
         except (tarfile.TarError, EOFError, OSError) as e:

@@ -151,6 +151,7 @@ def filter_shard(tar: str, work_dir: str, cfg: FilterConfig, position: int | Non
     records: list[dict[str, Any]] = []
     pending: list[tuple[int, Any]] = []  # (record index, image) awaiting a CLIP batch
     seen_keys: set[str] = set()
+    repeats: list[int] = []  # records of a key already seen in this tar
     # one bar per worker on a terminal; a log gets the stage's "filter pass 1" lines only
     bar = progress(desc=f"filter {fsio.tar_stem(tar)}", unit="img", nested=True, position=position, leave=False)
     for key, parts in fsio.iter_tar_samples(tar):
@@ -159,6 +160,7 @@ def filter_shard(tar: str, work_dir: str, cfg: FilterConfig, position: int | Non
             # lookup ambiguous: the later copy is rejected and counted.
             rec, _ = evaluate_sample(tar, key, {}, cfg, None)
             rec["decision"] = DUPLICATE_KEY
+            repeats.append(len(records))
             records.append(rec)
             continue
         seen_keys.add(key)
@@ -172,6 +174,16 @@ def filter_shard(tar: str, work_dir: str, cfg: FilterConfig, position: int | Non
     if scorer is not None:
         _score_pending(scorer, records, pending, cfg.clip_score.min_score)
     bar.close()
+    # (source_tar, key) names one record everywhere after this pass (the global pass's
+    # order, its uniqueness check, decisions.parquet): a repeat is renamed "key#n", n the
+    # smallest not taken by a real key of this tar. It is never read back (not kept).
+    taken = set(seen_keys)
+    for i in repeats:
+        key, n = records[i]["key"], 1
+        while f"{key}#{n}" in taken:
+            n += 1
+        records[i]["key"] = f"{key}#{n}"
+        taken.add(records[i]["key"])
 
     table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
     table = table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})

@@ -102,7 +102,8 @@ def scan_members(f: IO[bytes], url: str) -> Iterator[tuple[str, int, int]]:
 
 
 class TarIndex:
-    """Member name -> :class:`Member` of one tar, read lazily once; thread-safe reads.
+    """Member name -> :class:`Member` of one tar (the first of a repeated name), read
+    lazily once; thread-safe reads.
     A damaged tar raises :class:`TruncatedTarError` (the data build's own tars are whole)."""
 
     def __init__(self, url: str) -> None:
@@ -113,8 +114,13 @@ class TarIndex:
     def index(self) -> dict[str, Member]:
         with self._lock:
             if self._index is None:
+                index: dict[str, Member] = {}
                 with open_binary(self.url) as f:
-                    self._index = {name: Member(self.url, off, size) for name, off, size in scan_members(f, self.url)}
+                    for name, off, size in scan_members(f, self.url):
+                        # A repeated name: the first copy, the one the data build's
+                        # filter judged (it rejects later copies of a key).
+                        index.setdefault(name, Member(self.url, off, size))
+                self._index = index
             return self._index
 
     def read(self, name: str) -> bytes:
