@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.filter.neardup import choose_bands, near_duplicate_mask, near_pairs, popcount64
+from data_pipeline.filter.neardup import (
+    _band_bounds, block_pairs, choose_bands, near_duplicate_mask, near_pairs, popcount64,
+)
 
 
 def brute_force(hashes: np.ndarray, d: int) -> np.ndarray:
@@ -58,3 +60,27 @@ def test_scales_to_a_large_pool():
     h[-1] = h[0] ^ np.uint64(0b101)  # one planted near-duplicate, at the very end
     removed = near_duplicate_mask(h, 4)
     assert removed.sum() == 1 and removed[-1]
+
+
+@pytest.mark.parametrize("small", [256, 4], ids=["all-against-all", "banded"])
+def test_block_pairs_equals_brute_force_within_each_block(small):
+    """The distributed search's per-partition step: pairs that share the block's bits and
+    lie within d, against all pairs compared by hand; groups are made large (few block
+    values) so the banded search on the other bits runs too, the top and bottom blocks
+    included (no shift past 64 bits)."""
+    rng = np.random.default_rng(7)
+    d = 4
+    for shift, width in _band_bounds(d + 1):
+        h = clustered(rng, 300, 12, 6)
+        mask = np.uint64(((1 << width) - 1) << shift)
+        h = (h & ~mask) | (rng.integers(0, 3, size=len(h)).astype(np.uint64) << np.uint64(shift))
+        h = np.concatenate([h, h[:20]])  # repeats are one value
+        got = {tuple(p) for p in block_pairs(h, shift, width, d, small=small).tolist()}
+        v = sorted(set(h.tolist()))
+        want = {(a, b) for i, a in enumerate(v) for b in v[i + 1:]
+                if (a ^ b) & int(mask) == 0 and bin(a ^ b).count("1") <= d}
+        assert got == want and len(want) > 50
+        assert len(block_pairs(h, shift, width, d, small=small)) == len(want)  # each pair once
+        # ... and every close pair of the whole set shares at least one block (pigeonhole)
+    assert all(any((a ^ b) & (((1 << w) - 1) << s) == 0 for s, w in _band_bounds(d + 1))
+               for a, b in [(0, 0b1111), (2**63, 2**63 | 0b1111 << 40)])

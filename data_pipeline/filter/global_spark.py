@@ -18,9 +18,10 @@ Each step, over the rows still alive:
   value, ordered by ``_o``; every row after the first is a duplicate;
 - near-duplicates: distinct hash values with their first occurrence; pigeonhole blocks
   (``_near_pairs``: d + 1 blocks of the 64 bits, each value shuffled once per block, keyed
-  by its bits there), and in each partition the local path's vectorised search
-  (``neardup.near_pairs``) in a ``mapInPandas`` task; only 8-byte values are shuffled. The
-  greedy "removed when within d of an earlier *kept* hash" is sequential: the close pairs
+  by its bits there), and in each partition the local path's vectorised search per group
+  of one key, on its other bits (``neardup.block_pairs``), in a ``mapInPandas`` task; only
+  (block, value) rows are shuffled. The greedy "removed when within d of an earlier
+  *kept* hash" is sequential: the close pairs
   (as many as there are near-duplicates, not rows) go to the driver, which resolves them in
   order as the local path does;
 - MetaCLIP balancing: entry counts by ``explode`` + ``groupBy``, the same per-(sample,
@@ -178,32 +179,41 @@ def _near_pairs(distinct, d: int):
 
     Pigeonhole over d + 1 blocks of the 64 bits: two values within d agree exactly on at
     least one block, so each value goes out once per block, keyed by (block, its bits there),
-    and any two that share a key meet in one partition. Each partition then finds every
-    pair within d among the values it holds with the local path's vectorised multi-index
-    search (``neardup.near_pairs``, in a ``mapInPandas`` task), so the shuffle carries d + 1
-    8-byte rows a value. (The SQL form, an ``explode`` of every flip pattern and an
-    equi-join, carried ~70 rows a value at d = 4 and took ~10x longer at 1M rows.) A pair
-    found in two partitions is kept once.
+    and any two that share a key meet in one partition. Each partition then searches each
+    group of one key on the other bits (``neardup.block_pairs``: the local path's vectorised
+    multi-index search, per group, in a ``mapInPandas`` task), so the shuffle carries d + 1
+    12-byte rows a value and a task's work grows with the square of a group (~N / 2**13
+    values), not of its partition (~5N / partitions): at 100M rows the one-search-per-
+    partition form spent over an hour in this step. (The SQL form, an ``explode`` of every
+    flip pattern and an equi-join, carried ~70 rows a value at d = 4 and took ~10x longer at
+    1M rows.) A pair found in two blocks is kept once.
     """
     from pyspark.sql import functions as F
 
+    bounds = _band_bounds(d + 1)
     blocks = None
-    for b, (shift, width) in enumerate(_band_bounds(d + 1)):
+    for b, (shift, width) in enumerate(bounds):
         bv = F.shiftrightunsigned("_v", shift).bitwiseAND(F.lit((1 << width) - 1))
         rows = distinct.select("_v", F.lit(b).alias("_b"), bv.alias("_bv"))
         blocks = rows if blocks is None else blocks.unionByName(rows)
 
     def find(frames):
-        from data_pipeline.filter.neardup import near_pairs
+        from data_pipeline.filter.neardup import block_pairs
 
-        parts = [f["_v"].to_numpy(np.int64) for f in frames]
-        v = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-        ij = near_pairs(v.view(np.uint64), d)
-        for c in range(0, len(ij), 1 << 20):  # unique v is sorted: v[i] < v[j] for i < j
-            p = ij[c:c + (1 << 20)]
-            yield pd.DataFrame({"_v1": v[np.minimum(p[:, 0], p[:, 1])], "_v2": v[np.maximum(p[:, 0], p[:, 1])]})
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            return
+        f = pd.concat(frames, ignore_index=True)
+        blk, v = f["_b"].to_numpy(np.int64), f["_v"].to_numpy(np.int64).view(np.uint64)
+        for b in np.unique(blk):
+            shift, width = bounds[int(b)]
+            p = block_pairs(v[blk == b], shift, width, d).view(np.int64)
+            for c in range(0, len(p), 1 << 20):  # as signed longs, smaller first: one form a pair
+                q = p[c:c + (1 << 20)]
+                yield pd.DataFrame({"_v1": q.min(axis=1), "_v2": q.max(axis=1)})
 
-    close = blocks.repartition("_b", "_bv").select("_v").mapInPandas(find, "_v1 long, _v2 long").distinct()
+    close = (blocks.repartition("_b", "_bv").select("_b", "_v")
+             .mapInPandas(find, "_v1 long, _v2 long").distinct())
     f1 = distinct.select(F.col("_v").alias("_v1"), F.col("_first").alias("_f1"))
     f2 = distinct.select(F.col("_v").alias("_v2"), F.col("_first").alias("_f2"))
     pairs = close.join(f1, "_v1").join(f2, "_v2")

@@ -29,9 +29,9 @@ def popcount64(x: np.ndarray) -> np.ndarray:
     return _POPCOUNT8[x.view(np.uint8).reshape(-1, 8)].sum(axis=1, dtype=np.int64)
 
 
-def _band_bounds(m: int) -> list[tuple[int, int]]:
-    """(shift, width) of m bands tiling the 64 bits."""
-    b = [round(i * 64 / m) for i in range(m + 1)]
+def _band_bounds(m: int, bits: int = 64) -> list[tuple[int, int]]:
+    """(shift, width) of m bands tiling the low ``bits`` bits."""
+    b = [round(i * bits / m) for i in range(m + 1)]
     return [(lo, hi - lo) for lo, hi in zip(b[:-1], b[1:])]
 
 
@@ -39,13 +39,13 @@ def _n_patterns(width: int, r: int) -> int:
     return sum(comb(width, k) for k in range(r + 1))
 
 
-def choose_bands(n: int, max_distance: int) -> int:
+def choose_bands(n: int, max_distance: int, bits: int = 64) -> int:
     """m minimising lookups (n * patterns) + expected random candidate pairs."""
     best, best_cost = 2, float("inf")
     for m in range(2, min(max_distance + 1, 16) + 1):
         r = max_distance // m
         cost = 0.0
-        for _, width in _band_bounds(m):
+        for _, width in _band_bounds(m, bits):
             p = _n_patterns(width, r)
             cost += n * p + n * n * p / 2.0**width
         if cost < best_cost:
@@ -60,16 +60,17 @@ def _flip_patterns(width: int, r: int) -> list[int]:
     return pats
 
 
-def near_pairs(values: np.ndarray, max_distance: int, chunk: int = 1 << 22) -> np.ndarray:
+def near_pairs(values: np.ndarray, max_distance: int, chunk: int = 1 << 22, bits: int = 64) -> np.ndarray:
     """All pairs (i, j), i < j, with popcount(values[i] ^ values[j]) <= max_distance, as
-    an int64 array [P, 2] sorted by (j, i). ``values`` should be distinct."""
+    an int64 array [P, 2] sorted by (j, i). ``values`` should be distinct and below
+    2**bits (the bands tile only those bits)."""
     n = len(values)
     if n < 2 or max_distance == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    m = choose_bands(n, max_distance)
+    m = choose_bands(n, max_distance, bits)
     r = max_distance // m
     found: list[np.ndarray] = []
-    for shift, width in _band_bounds(m):
+    for shift, width in _band_bounds(m, bits):
         keys = ((values >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
         perm = np.argsort(keys, kind="stable")
         sk = keys[perm]
@@ -101,6 +102,42 @@ def near_pairs(values: np.ndarray, max_distance: int, chunk: int = 1 << 22) -> n
     pairs = np.unique(np.concatenate(found), axis=0)
     order = np.lexsort((pairs[:, 0], pairs[:, 1]))
     return pairs[order]
+
+
+def block_pairs(values: np.ndarray, shift: int, width: int, max_distance: int, small: int = 256) -> np.ndarray:
+    """Every pair of distinct values that agree exactly on bits [shift, shift + width) and
+    lie within max_distance, as a uint64 array [P, 2] of (value, value), each pair once.
+
+    The second level of a two-level multi-index search: values are grouped by those bits
+    (the pigeonhole block a distributed caller shuffled them by), and each group is searched
+    on its other 64 - width bits only, where its values differ. Searching a group on all 64
+    bits would put its shared block into one band bucket and compare every pair in it; one
+    search over all groups together would not use the grouping at all, and its candidate
+    pairs would grow with the square of the whole partition. Groups of at most ``small``
+    values are compared all against all (cheaper than building bands)."""
+    v = np.unique(np.asarray(values, dtype=np.uint64))
+    if len(v) < 2:
+        return np.zeros((0, 2), dtype=np.uint64)
+    key = (v >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+    top = shift + width
+    high = (v >> np.uint64(top)) << np.uint64(shift) if top < 64 else np.zeros_like(v)
+    rest = high | (v & np.uint64((1 << shift) - 1))  # the block's bits taken out: same distances
+    order = np.argsort(key, kind="stable")
+    cuts = np.flatnonzero(np.diff(key[order])) + 1
+    out: list[np.ndarray] = []
+    for idx in np.split(order, cuts):
+        n = len(idx)
+        if n < 2:
+            continue
+        if n <= small:
+            i, j = np.triu_indices(n, 1)
+            keep = popcount64(rest[idx[i]] ^ rest[idx[j]]) <= max_distance
+            ij = np.stack([i[keep], j[keep]], axis=1)
+        else:
+            ij = near_pairs(rest[idx], max_distance, bits=64 - width)
+        if len(ij):
+            out.append(np.stack([v[idx[ij[:, 0]]], v[idx[ij[:, 1]]]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.uint64)
 
 
 def near_duplicate_mask(hashes: np.ndarray, max_distance: int) -> np.ndarray:
