@@ -360,7 +360,7 @@ def main() -> None:
                 continue
             ours = run(our_spec(name, batch))
             fits = ours.get("fits", True)
-            row = [name, batch] + ([f"{ours['samples_per_s']:.1f}", fmt_mfu(ours, peak), fmt_gib(ours)]
+            row = [name, batch] + ([_sig3(ours['samples_per_s']), fmt_mfu(ours, peak), fmt_gib(ours)]
                                    if fits else ["OOM", "-", "-"])
             if missing:
                 row += ["skipped", "-", "-", "-"]
@@ -372,7 +372,7 @@ def main() -> None:
                     row += ["OOM", "-", "-", "-"]
                 else:
                     ratio = f"{ours['samples_per_s'] / theirs['samples_per_s']:.2f}x" if fits else "-"
-                    row += [f"{theirs['samples_per_s']:.1f}", fmt_mfu(theirs, peak), fmt_gib(theirs), ratio]
+                    row += [_sig3(theirs['samples_per_s']), fmt_mfu(theirs, peak), fmt_gib(theirs), ratio]
                     if fits:  # the same architecture on both sides: the same forward FLOPs
                         print(f"# {name}: forward GFLOP/sample ours {ours['fwd_flops_per_sample'] / 1e9:.4f}, "
                               f"open_clip {theirs['fwd_flops_per_sample'] / 1e9:.4f}", flush=True)
@@ -384,7 +384,7 @@ def main() -> None:
                            "max_images": 64 if dry else 2048, "steps": max(steps, 6 if dry else 30),
                            "warmup": max(warmup, 2 if dry else 5)})
                 feed = _sig3(ours['samples_per_s'] * e2e['cpu_s_per_sample']) if fits else "-"
-                e2e_row = [name, batch, e2e_workers, f"{e2e['samples_per_s']:.1f}", f"{e2e['data_wait_frac']:.3f}",
+                e2e_row = [name, batch, e2e_workers, _sig3(e2e['samples_per_s']), f"{e2e['data_wait_frac']:.3f}",
                            _sig3(e2e['loader_cores']), _sig3(1000 * e2e['cpu_s_per_sample']), feed]
                 e2e_rows.append(e2e_row)
                 print("e2e " + md_table(E2E_HEADERS, [e2e_row]).splitlines()[-1], flush=True)

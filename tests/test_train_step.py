@@ -152,8 +152,9 @@ def spawned() -> dict:
     return run_distributed(_work, 2, init_group=False, timeout_s=900)[0]
 
 
-def _reference_after_one_step(extra: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
-    """Plain PyTorch, one process, full batch of 8: loss and parameters after one AdamW step."""
+def _reference_after_one_step(extra: list[str]) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """Plain PyTorch, one process, full batch of 8: loss, parameters after one AdamW step, the
+    clipped gradients that step used, and Adam's eps."""
     from pretrain.loss import clip_loss
     from pretrain.train.build import build_model
     from pretrain.train.optim import adam_hparams, param_groups
@@ -168,26 +169,53 @@ def _reference_after_one_step(extra: list[str]) -> tuple[float, dict[str, torch.
     loss = clip_loss(*model(images, tokens))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    grads = {k: v.grad.detach().clone() for k, v in model.named_parameters()}
     opt.step()
-    return float(loss.detach()), {k: v.detach().clone() for k, v in model.named_parameters()}
+    return float(loss.detach()), {k: v.detach().clone() for k, v in model.named_parameters()}, grads, hp["eps"]
+
+
+def implied_gradient_error(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+                           grads: dict[str, torch.Tensor], lr: float, eps: float) -> tuple[float, str]:
+    """The largest gradient difference, relative to its tensor's largest gradient, that explains
+    the parameter difference after one Adam step; and the tensor where it occurs.
+
+    Adam's first update is lr * g / (|g| + eps) (bias-corrected moments are g and g^2), whose
+    slope in g is lr * eps / (|g| + eps)^2: 1e3 at g = 0 for the ViT (lr 1e-3, eps 1e-6), ~0
+    where |g| >> eps. A fixed bound on the parameters is therefore either loose where |g| is
+    large or fails on fp32 rounding of near-zero gradients, which differs between CPUs (AVX2
+    and AVX-512 GEMMs sum in other orders). Dividing by the slope compares gradients, the
+    quantity the test is about; the rounding of the step itself is taken off first."""
+    worst, where = 0.0, ""
+    for k in ref:
+        r, g_abs = ref[k].float(), grads[k].float().abs()
+        # rounding of the step itself: a few ulps of p and of the update lr * u, |u| <= 1
+        d = (r - got[k].float()).abs() - 4 * torch.finfo(torch.float32).eps * (r.abs() + lr)
+        implied = d.clamp_min(0) * (g_abs + eps) ** 2 / (lr * eps)
+        rel = float(implied.max()) / max(float(g_abs.max()), 1e-30)
+        if rel > worst:
+            worst, where = rel, k
+    return worst, where
 
 
 @pytest.mark.parametrize("name", cases([n for n, _ in CONFIGS if "fp32" in n]))
 def test_two_ranks_equal_one_process_full_batch(spawned, name):
     extra = dict(CONFIGS)[name]
-    ref_loss, ref_params = _reference_after_one_step(extra)
+    ref_loss, ref_params, ref_grads, eps = _reference_after_one_step(extra)
     loss, applied = spawned[name]["first"]
     assert applied
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     got = spawned[name]["after_first"]
     assert set(got) == set(ref_params)
-    moved = max_abs_diff(ref_params, {k: v for k, v in got.items()}, keys=list(ref_params))
-    # Adam's first update is lr * g / (|g| + eps): near g = 0 it moves by lr / eps = 1e3 per
-    # unit of gradient, so a gradient rounding of 1e-9 shows as 1e-6 here. The ring sums the
-    # column gradients in another order than the all-gather's backward (its gradients match
-    # the full batch to 1e-7: test_loss_ring.py, test_loss_dist.py), hence its looser bound.
-    tol = 1e-5 if "ring" in name else 2e-6
-    assert moved < tol, f"{name}: parameters differ from the full-batch step by {moved}"
+    rel, where = implied_gradient_error(ref_params, got, ref_grads, lr=1e-3, eps=eps)  # COMMON's lr
+    # All-gather losses: the 2-rank gradients equal the full batch's to fp32 rounding (~1e-7 of
+    # a tensor's largest gradient measured, up to 1.6e-7 on a 2-core AVX2 EPYC). The ring sums
+    # the column gradients in another order than the all-gather's backward (its gradients
+    # match the full batch to 1e-7 absolute: test_loss_ring.py, test_loss_dist.py), hence its
+    # looser bound. The samples of one rank left out give ~1e4 here. (A uniform scale of the
+    # gradient does not show: the gradient norm, ~78, is clipped to 1 on both sides;
+    # test_loss_dist.py compares the loss's gradients themselves.)
+    tol = 1e-5 if "ring" in name else 1e-6
+    assert rel < tol, f"{name}: gradients differ from the full-batch step by {rel:.3g} of the largest in {where}"
 
 
 @pytest.mark.parametrize("name", cases([n for n, _ in CONFIGS]))
