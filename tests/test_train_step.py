@@ -207,8 +207,8 @@ def test_two_ranks_equal_one_process_full_batch(spawned, name):
     got = spawned[name]["after_first"]
     assert set(got) == set(ref_params)
     rel, where = implied_gradient_error(ref_params, got, ref_grads, lr=1e-3, eps=eps)  # COMMON's lr
-    # All-gather losses: the 2-rank gradients equal the full batch's to fp32 rounding (~1e-7 of
-    # a tensor's largest gradient measured, up to 1.6e-7 on a 2-core AVX2 EPYC). The ring sums
+    # All-gather losses: the 2-rank gradients equal the full batch's to fp32 rounding (2.4e-7 of
+    # a tensor's largest gradient, measured on a 2-core AVX2 EPYC). The ring sums
     # the column gradients in another order than the all-gather's backward (its gradients
     # match the full batch to 1e-7 absolute: test_loss_ring.py, test_loss_dist.py), hence its
     # looser bound. The samples of one rank left out give ~1e4 here. (A uniform scale of the
