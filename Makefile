@@ -19,7 +19,9 @@ setup:
 # Three pytest-xdist workers on two cores: much of a test's wall time is process start-up,
 # service start and waiting on timeouts, not compute. Measured on 2 cores (full suite): 2
 # workers 799 s with the CPUs ~65% busy, 3 workers 660 s at 97% busy (each file on one worker,
-# slow files first: tests/conftest.py). TEST_WORKERS=0 runs them in this one process.
+# slow files first: tests/conftest.py). On a slower 2-core machine (AVX2 only, 2026-12-06) 3 workers
+# took 701-720 s and 4 workers 736 s at 96% busy: past 3, workers only share the same CPU.
+# TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 3
 test: setup
 	scripts/setup_peer.sh || echo "[setup] WARNING: .venv-peer did not build: tests/test_openclip_interop.py will fail (SKIP_PEER=1 skips it)" >&2
