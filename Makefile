@@ -16,11 +16,8 @@ setup:
 # The test suite also needs the peer virtualenv .venv-peer (the real open_clip and
 # clip_benchmark beside torchvision; ~4 min and ~6 GB once), which the demo does not: without
 # it the interop tests fail, saying so; SKIP_PEER=1 skips building it and them.
-# Three pytest-xdist workers on two cores: much of a test's wall time is process start-up,
-# service start and waiting on timeouts, not compute. Measured on 2 cores (full suite): 2
-# workers 799 s with the CPUs ~65% busy, 3 workers 660 s at 97% busy (each file on one worker,
-# slow files first: tests/conftest.py). On a slower 2-core machine (AVX2 only, 2026-12-06) 3 workers
-# took 701-720 s and 4 workers 736 s at 96% busy: past 3, workers only share the same CPU.
+# Three pytest-xdist workers on two cores, each file on one worker, slow files first
+# (tests/conftest.py); why three, with the measurements: README, `make test`.
 # TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 3
 test: setup
